@@ -1,0 +1,94 @@
+"""Command line: ``python -m flashtree {demo,compile,info}``.
+
+demo     the main job: on a GPU, check every op against the reference and time it; on a CPU-only
+         machine, say so, run the reference path and compile every kernel.
+compile  precompile every shipped kernel spec into the disk cache (no GPU needed).
+info     versions, GPU, cache location and entries, the resource report of each cached kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import _jit
+
+
+def _compile(archs: list[str], families: list[str] | None, max_spills: int | None) -> int:
+    specs = _jit.shipped_specs(families)
+    print(f"compiling {len(specs)} specs for {', '.join(archs)} (NVRTC {_jit.nvrtc_version()}) "
+          f"into {_jit.cache_dir()}", flush=True)
+    bad = 0
+    for arch in archs:
+        for spec in specs:
+            t0 = time.perf_counter()
+            kernel, cached = _jit.load_or_compile(spec, arch)
+            r = kernel.resources
+            flag = ""
+            if max_spills is not None and r.spills > max_spills:
+                flag, bad = "  SPILLS", bad + 1
+            print(f"  {spec.name:<32} {arch:<7} {'cached' if cached else f'{time.perf_counter() - t0:5.2f}s':>7}"
+                  f"  regs {r.registers:3d}  spill {r.spill_stores}/{r.spill_loads} B  "
+                  f"smem {r.shared} B{flag}", flush=True)
+    if bad:
+        print(f"{bad} kernels spill registers", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _info() -> int:
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    print(f"flashtree {__version__}  python {platform.python_version()}  torch {torch.__version__} "
+          f"(CUDA {torch.version.cuda})")
+    try:
+        versions = _jit.check_toolchain(need_torch_cuda=torch.cuda.is_available())
+        print(f"cupy {versions['cupy']} (CUDA runtime {versions['cupy_cuda']})  NVRTC {versions['nvrtc']}")
+    except (ImportError, RuntimeError) as e:
+        print(f"toolchain: {e}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"GPU {i}: {p.name}  {_jit.device_arch(torch.device('cuda', i))}  "
+                  f"{p.multi_processor_count} SMs  {p.total_memory / 2**30:.0f} GiB")
+    else:
+        print("GPU: none visible (CPU tensors use the reference path; kernels still compile)")
+    entries = _jit.entries()
+    print(f"cache: {_jit.cache_dir()}  ({len(entries)} entries)")
+    for path, kernel in entries:
+        if kernel is None:
+            print(f"  {path.name}: corrupt (will be recompiled)")
+            continue
+        r = kernel.resources
+        print(f"  {kernel.spec_name:<32} {kernel.arch:<7} regs {r.registers:3d}  stack {r.stack_frame} B  "
+              f"spill {r.spill_stores}/{r.spill_loads} B  smem {r.shared} B  "
+              f"compiled in {kernel.compile_seconds:.2f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flashtree", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("compile", help="precompile every shipped spec (no GPU needed)")
+    p.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], help="e.g. sm_80 sm_90 sm_90a")
+    p.add_argument("--family", nargs="+", default=None, help="only these kernel families")
+    p.add_argument("--max-spills", type=int, default=0, help="fail above this many spilled bytes")
+    sub.add_parser("info", help="versions, GPU, cache and resource report")
+    p = sub.add_parser("demo", help="the main job: self-check and benchmark (GPU) or reference run (CPU)")
+    p.add_argument("--quick", action="store_true", help="a smaller workload")
+    args = parser.parse_args(argv)
+    if args.cmd == "compile":
+        return _compile(args.arch, args.family, args.max_spills)
+    if args.cmd == "info":
+        return _info()
+    from .demo import run_demo
+
+    return run_demo(quick=args.quick)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

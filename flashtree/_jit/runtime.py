@@ -1,0 +1,149 @@
+"""Loading compiled kernels into a GPU's context and launching them on torch's stream.
+
+Everything here goes through CuPy: ``cupy.cuda.function.Module`` loads the cached cubin and its
+``Function`` launches with raw pointers (``np.uint64``) and explicitly typed scalars
+(``np.int32``, ``np.int64``, ``np.float32``) on ``torch.cuda.current_stream()``, read on every
+call. Nothing here allocates GPU memory or synchronises with the host.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import threading
+
+import torch
+
+from .cache import load_or_compile
+from .nvrtc import CompiledKernel, nvrtc_module
+from .spec import KernelSpec
+
+_lock = threading.Lock()
+_compiled: dict[tuple[KernelSpec, str], CompiledKernel] = {}
+_loaded: dict[tuple[KernelSpec, int], "LoadedKernel"] = {}
+
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+
+
+def _installed_cupy_dists() -> list[str]:
+    names = []
+    for dist in ("cupy-cuda12x", "cupy-cuda13x", "cupy"):
+        try:
+            importlib.metadata.version(dist)
+            names.append(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return names
+
+
+@functools.cache
+def check_toolchain(need_torch_cuda: bool = True) -> dict:
+    """Fail early and clearly when CuPy is missing or the CUDA majors disagree.
+
+    Returns the versions found. CPU tensors never come here.
+    """
+    dists = _installed_cupy_dists()
+    if len(dists) > 1:
+        raise RuntimeError(
+            f"several CuPy packages are installed ({', '.join(dists)}); keep the one that matches "
+            "torch's CUDA: pip uninstall the others"
+        )
+    try:
+        import cupy
+    except ImportError as e:
+        raise ImportError(
+            "flashtree needs CuPy for CUDA tensors and it is not installed: "
+            "pip install 'flashtree[cu12]' (CUDA 12) or 'flashtree[cu13]' (CUDA 13). "
+            "CPU tensors work without it."
+        ) from e
+    nvrtc_major, nvrtc_minor = nvrtc_module().getVersion()
+    cupy_cuda = cupy.cuda.runtime.runtimeGetVersion()
+    versions = {
+        "cupy": cupy.__version__,
+        "cupy_cuda": f"{cupy_cuda // 1000}.{cupy_cuda % 1000 // 10}",
+        "nvrtc": f"{nvrtc_major}.{nvrtc_minor}",
+        "torch_cuda": torch.version.cuda,
+    }
+    majors = {"cupy": cupy_cuda // 1000, "NVRTC": nvrtc_major}
+    if need_torch_cuda and torch.version.cuda:
+        majors["torch"] = int(torch.version.cuda.split(".")[0])
+    if len(set(majors.values())) > 1:
+        found = ", ".join(f"{k} CUDA {v}" for k, v in majors.items())
+        raise RuntimeError(
+            f"CUDA major versions disagree ({found}); install the flashtree extra that matches "
+            f"torch: 'flashtree[cu{majors.get('torch', nvrtc_major)}]'"
+        )
+    return versions
+
+
+def device_arch(device: torch.device, suffix: str = "") -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}{suffix}"
+
+
+def compiled(spec: KernelSpec, arch: str) -> CompiledKernel:
+    """Compile (or read from disk) once per (spec, arch) per process."""
+    key = (spec, arch)
+    kernel = _compiled.get(key)
+    if kernel is None:
+        with _lock:
+            kernel = _compiled.get(key)
+            if kernel is None:
+                kernel, _ = load_or_compile(spec, arch)
+                _compiled[key] = kernel
+    return kernel
+
+
+class LoadedKernel:
+    """A kernel loaded into one device's primary context, ready to launch."""
+
+    def __init__(self, kernel: CompiledKernel, device_index: int):
+        import cupy
+
+        self.kernel = kernel
+        self.device_index = device_index
+        with cupy.cuda.Device(device_index):
+            self._module = cupy.cuda.function.Module()
+            self._module.load(kernel.cubin)
+            self._function = self._module.get_function(kernel.lowered_name)
+        self._max_dynamic_smem = 48 * 1024
+
+    def _allow_dynamic_smem(self, nbytes: int) -> None:
+        # Above 48 KB a kernel must opt in; done once per size increase, before any launch.
+        import cupy
+
+        with cupy.cuda.Device(self.device_index):
+            cupy.cuda.driver.funcSetAttribute(
+                self._function.ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes
+            )
+        self._max_dynamic_smem = nbytes
+
+    def __call__(self, grid, block, args, *, smem: int = 0) -> None:
+        """Launch on the current torch stream of this kernel's device."""
+        if smem > self._max_dynamic_smem:
+            self._allow_dynamic_smem(smem)
+        stream = _external_stream(
+            torch.cuda.current_stream(self.device_index).cuda_stream, self.device_index
+        )
+        self._function(grid, block, args, shared_mem=smem, stream=stream)
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(ptr: int, device_index: int):
+    import cupy
+
+    return cupy.cuda.ExternalStream(ptr, device_index)
+
+
+def get_kernel(spec: KernelSpec, device: torch.device) -> LoadedKernel:
+    """The launchable kernel for ``spec`` on ``device``: compiled, cached and loaded once."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (spec, index)
+    loaded = _loaded.get(key)
+    if loaded is None:
+        check_toolchain()
+        kernel = compiled(spec, device_arch(torch.device("cuda", index), spec.arch_suffix))
+        with _lock:
+            loaded = _loaded.get(key)
+            if loaded is None:
+                loaded = _loaded[key] = LoadedKernel(kernel, index)
+    return loaded

@@ -1,0 +1,1 @@
+"""Integrations with other libraries (HF transformers), through their public APIs only."""
