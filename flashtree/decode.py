@@ -1,0 +1,449 @@
+"""Tree-verification decode: split-KV flash decoding with a tree mask, padded or paged cache.
+
+Layers: the kernel launches (`_launch`), one registered torch op that writes into preallocated
+buffers (CUDA-graph and torch.compile friendly), and the two public functions.
+
+Split heuristic (``plan_splits``), worked example on an H100 (132 SMs), bf16, D = 128,
+block_size = 64: B = 1, Hkv = 8, T = 64 tree tokens, G = 4 (M = G * T = 256 query rows per KV
+head, 4 row tiles of 64), C = 32768.
+  * Without splitting there are B * Hkv * row_tiles = 32 CTAs: a quarter of the 264 CTA slots
+    (2 CTAs of 80 KB shared memory fit per SM).
+  * With s splits there are 32 s CTAs in ceil(32 s / 264) waves; the wave efficiency
+    32 s / (waves * 264) is 97% at s = 8, so each CTA reads 32768 / 8 = 4096 keys.
+  * We take the smallest s within 10% of the best efficiency for s up to the number of
+    block_size tiles (more splits only add partial states to merge), i.e. s = 8 here.
+The tree tokens form one more "split" (reading current_k/current_v under the mask), and the
+S + 1 partial states are merged exactly by the merge kernel (log-sum-exp).
+"""
+from __future__ import annotations
+
+import math
+import weakref
+
+import numpy as np
+import torch
+
+from . import _checks, _interop, _jit, merge, reference
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+HEAD_DIMS = (64, 128, 256)
+DTYPES = (torch.float16, torch.bfloat16)
+PAGE_SIZES = (8, 16, 32, 64, 128, 256)
+MAX_TREE_TOKENS = 256
+_BLOCK_M = 64  # query rows per CTA (kernels_cu/decode.cu: DecodeConfig::kBlockM)
+_SMEM_LIMIT = 227 * 1024
+
+
+# head_dim 256 keeps 128 fp32 accumulators per thread; these tile lengths spill registers there.
+_UNSUPPORTED = {(256, 32), (256, 256)}
+
+
+def _stages_and_smem(head_dim: int, block_size: int) -> tuple[int, int] | None:
+    """Pipeline depth and dynamic shared memory (bytes); None for an unsupported combination."""
+    if (head_dim, block_size) in _UNSUPPORTED:
+        return None
+    for stages in (2, 1):
+        smem = 2 * (_BLOCK_M * head_dim + stages * 2 * block_size * head_dim)
+        if smem <= _SMEM_LIMIT:
+            return stages, smem
+    return None
+
+
+def spec(dtype: torch.dtype, head_dim: int, block_size: int, paged: bool) -> _jit.KernelSpec:
+    stages, _ = _stages_and_smem(head_dim, block_size)
+    return _jit.KernelSpec(
+        family="decode",
+        kernel="ft::tree_decode_kernel",
+        template_args=(_jit.ctype(dtype), head_dim, block_size, stages, "true" if paged else "false"),
+        name=f"decode_{'paged_' if paged else ''}{_jit.short(dtype)}_d{head_dim}_b{block_size}",
+    )
+
+
+def _shipped():
+    for dtype in DTYPES:
+        for d in HEAD_DIMS:
+            yield merge.spec(torch.float32, d, dtype)  # the combine step
+            for bs in BLOCK_SIZES:
+                if _stages_and_smem(d, bs) is not None:
+                    for paged in (False, True):
+                        yield spec(dtype, d, bs, paged)
+
+
+_jit.register_shipped("decode", _shipped)
+
+
+# ---------------------------------------------------------------------------------- planning
+
+
+def plan_splits(batch: int, num_kv_heads: int, rows: int, max_len: int, block_size: int,
+                num_sms: int, ctas_per_sm: int, max_splits: int | None = None) -> tuple[int, int]:
+    """(num_splits, split_len) for the cache part; see the module docstring for a worked example."""
+    if max_len <= 0:
+        return 0, block_size
+    base = batch * num_kv_heads * math.ceil(rows / _BLOCK_M)
+    slots = max(1, num_sms * ctas_per_sm)
+    limit = math.ceil(max_len / block_size)
+    if max_splits is not None:
+        limit = min(limit, max_splits)
+    limit = max(1, min(limit, 128))
+
+    def efficiency(s):
+        ctas = base * s
+        return ctas / (math.ceil(ctas / slots) * slots)
+
+    best = max(efficiency(s) for s in range(1, limit + 1))
+    splits = next(s for s in range(1, limit + 1) if efficiency(s) >= 0.9 * best)
+    split_len = math.ceil(math.ceil(max_len / splits) / block_size) * block_size
+    return math.ceil(max_len / split_len), split_len
+
+
+def workspace_shape(q_shape, num_splits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of mid_output [B, H, T, S + 1, D] and mid_output_lse [B, H, T, S + 1] (fp32)."""
+    b, h, t, d = q_shape
+    return (b, h, t, num_splits + 1, d), (b, h, t, num_splits + 1)
+
+
+# ------------------------------------------------------------------------------------ masks
+
+_checked_masks: dict[int, int] = {}
+
+
+def _mask_as_bytes(mask: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """The tree mask as uint8 [1 or B, T, T] with True/nonzero = may attend (zero-copy for bool)."""
+    _checks.is_tensor("mask", mask)
+    if mask.dim() not in (2, 3) or tuple(mask.shape[-2:]) != (t, t) or (mask.dim() == 3 and mask.shape[0] != b):
+        raise ValueError(f"mask: expected shape [{t}, {t}] or [{b}, {t}, {t}] (T = q.shape[2]), got {list(mask.shape)}")
+    if mask.dtype == torch.bool:
+        allowed = mask.view(torch.uint8)
+    elif mask.dtype.is_floating_point:  # additive mask: 0 = attend, -inf = blocked
+        allowed = (mask == 0).view(torch.uint8)
+    elif mask.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        allowed = (mask != 0).view(torch.uint8)
+    else:
+        raise TypeError(f"mask: expected dtype bool, an integer or a floating dtype, got {mask.dtype}")
+    return allowed if allowed.dim() == 3 else allowed.unsqueeze(0)
+
+
+def _check_diagonal(mask: torch.Tensor, allowed: torch.Tensor) -> None:
+    """Every row must allow its own token. On a GPU mask this costs one host sync the first time a
+    given mask tensor (same object, same version) is seen; it is skipped during graph capture and
+    tracing, where the caller's earlier eager calls have checked it."""
+    if torch.compiler.is_compiling():
+        return
+    if allowed.device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return
+        key = id(mask)
+        if _checked_masks.get(key) == mask._version:
+            return
+    diag = allowed.diagonal(dim1=-2, dim2=-1)  # [1 or B, T]
+    bad = (diag == 0).nonzero()
+    if bad.numel():
+        bi, row = bad[0].tolist()
+        where = f"mask[{bi}, {row}, {row}]" if mask.dim() == 3 else f"mask[{row}, {row}]"
+        raise ValueError(f"mask: expected every row to allow its own token, got {where} = blocked")
+    if allowed.device.type == "cuda":
+        _checked_masks[key] = mask._version
+        weakref.finalize(mask, _checked_masks.pop, key, None)
+
+
+# --------------------------------------------------------------------------------- the op
+
+
+def _int_ptr(x: torch.Tensor | None):
+    return np.uint64(x.data_ptr() if x is not None else 0)
+
+
+def _launch(q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv_seq_len,
+            mid_o, mid_lse, output, lse, block_size, num_splits, split_len, log2_page, sm_scale):
+    bsz, h, t, d = q.shape
+    hkv = current_k.shape[1]
+    paged = block_tables is not None
+    q, k_cache, v_cache, current_k, current_v = map(_aligned, (q, k_cache, v_cache, current_k, current_v))
+    kernel = _jit.get_kernel(spec(q.dtype, d, block_size, paged), q.device)
+    _, smem = _stages_and_smem(d, block_size)
+    i64 = np.int64
+    kv_strides = lambda x: (i64(x.stride(0)), i64(x.stride(1)), i64(x.stride(2)))  # noqa: E731
+    grid = (math.ceil(h // hkv * t / _BLOCK_M), num_splits + 1, bsz * hkv)
+    kernel(
+        grid, (128, 1, 1),
+        (
+            _int_ptr(q), *kv_strides(q),
+            _int_ptr(k_cache), *kv_strides(k_cache),
+            _int_ptr(v_cache), *kv_strides(v_cache),
+            _int_ptr(block_tables), i64(block_tables.stride(0) if paged else 0), np.int32(log2_page),
+            _int_ptr(current_k), *kv_strides(current_k),
+            _int_ptr(current_v), *kv_strides(current_v),
+            _int_ptr(mask_u8), i64(mask_u8.stride(0) if mask_u8.shape[0] > 1 else 0),
+            i64(mask_u8.stride(1)), i64(mask_u8.stride(2)),
+            _int_ptr(kv_seq_len),
+            _int_ptr(mid_o), _int_ptr(mid_lse),
+            np.int32(h), np.int32(h // hkv), np.int32(t), np.int32(num_splits), np.int32(split_len),
+            np.float32(sm_scale * math.log2(math.e)),
+        ),
+        smem=smem,
+    )
+    # Combine: states [B*H, S+1, T, D] (a view of mid_o) -> output [B*H, T, D].
+    s1 = num_splits + 1
+    states = mid_o[..., :s1, :].reshape(bsz * h, t, s1, d).transpose(1, 2)
+    state_lse = mid_lse[..., :s1].reshape(bsz * h, t, s1).transpose(1, 2)
+    merge.launch(states, state_lse, output.view(bsz * h, t, d), lse.view(bsz * h, t))
+
+
+def _tree_decode_impl(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor | None,
+    current_k: torch.Tensor, current_v: torch.Tensor, mask_u8: torch.Tensor, kv_seq_len: torch.Tensor,
+    mid_o: torch.Tensor, mid_lse: torch.Tensor, output: torch.Tensor, lse: torch.Tensor,
+    block_size: int, num_splits: int, split_len: int, log2_page: int, sm_scale: float,
+) -> None:
+    if q.device.type == "cuda" and q.dtype in DTYPES:
+        _launch(q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv_seq_len,
+                mid_o, mid_lse, output, lse, block_size, num_splits, split_len, log2_page, sm_scale)
+        return
+    if block_tables is not None:
+        k_cache = reference.gather_pages(k_cache, block_tables, kv_seq_len)
+        v_cache = reference.gather_pages(v_cache, block_tables, kv_seq_len)
+    o, l = reference.tree_decode(q, k_cache, v_cache, current_k, current_v, mask_u8.bool(),
+                                 kv_seq_len, sm_scale)
+    output.copy_(o)
+    lse.copy_(l)
+
+
+_tree_decode_op = torch.library.custom_op(
+    "flashtree::tree_decode", _tree_decode_impl, mutates_args=("mid_o", "mid_lse", "output", "lse"))
+
+
+@_tree_decode_op.register_fake
+def _(q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv_seq_len,
+      mid_o, mid_lse, output, lse, block_size, num_splits, split_len, log2_page, sm_scale):
+    return None
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check_common(q, current_k, current_v, kv_seq_len, block_size, kv_group_num, kv_dtype):
+    for name, x in (("q", q), ("current_k", current_k), ("current_v", current_v), ("kv_seq_len", kv_seq_len)):
+        _checks.is_tensor(name, x)
+    _checks.ndim("q", q, 4, "[B, H, T, D]")
+    bsz, h, t, d = q.shape
+    if q.device.type == "cuda":
+        _checks.dtype_in("q", q, DTYPES)
+        _checks.one_of("q.shape[3] (head_dim)", d, HEAD_DIMS)
+        _checks.one_of("block_size", block_size, BLOCK_SIZES)
+        if _stages_and_smem(d, block_size) is None:
+            allowed = [bs for bs in BLOCK_SIZES if _stages_and_smem(d, bs) is not None]
+            raise ValueError(f"block_size: expected one of {allowed} with head_dim {d}, got {block_size}")
+    else:
+        _checks.dtype_in("q", q, (torch.float32, torch.float64, torch.float16, torch.bfloat16))
+        _checks.one_of("block_size", block_size, BLOCK_SIZES)
+    if not 1 <= t <= MAX_TREE_TOKENS:
+        raise ValueError(f"q: expected 1 <= T (q.shape[2]) <= {MAX_TREE_TOKENS}, got {t}")
+    if not isinstance(kv_group_num, int) or kv_group_num < 1 or h % kv_group_num:
+        raise ValueError(f"kv_group_num: expected a positive divisor of H = {h}, got {kv_group_num!r}")
+    hkv = h // kv_group_num
+    _checks.shape("current_k", current_k, (bsz, hkv, t, d), "[B, H / kv_group_num, T, D]")
+    _checks.shape("current_v", current_v, (bsz, hkv, t, d), "[B, H / kv_group_num, T, D]")
+    for name, x in (("current_k", current_k), ("current_v", current_v)):
+        _checks.same_dtype(name, x, "q", q)
+    if kv_dtype != q.dtype:
+        raise TypeError(f"k_cache: expected dtype {q.dtype} (the dtype of q), got {kv_dtype}")
+    if kv_seq_len.dtype != torch.int32:
+        raise TypeError(f"kv_seq_len: expected dtype int32, got {kv_seq_len.dtype}")
+    _checks.shape("kv_seq_len", kv_seq_len, (bsz,), "[B]")
+    for name, x in (("q", q), ("current_k", current_k), ("current_v", current_v)):
+        _checks.last_dim_contiguous(name, x)
+    return bsz, h, t, d, hkv
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """16-byte aligned rows for the async copies: a misaligned view is copied once."""
+    if x.device.type == "cuda" and not _checks.aligned16(x, range(x.dim() - 1)):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+def _buffers(q, num_splits, output, mid_output, mid_output_lse, return_lse):
+    bsz, h, t, d = q.shape
+    if output is None:
+        output = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        _checks.writable_output("output", output, (bsz, h, t, d), q.dtype, q.device)
+    if mid_output is None:
+        shape_o, shape_l = workspace_shape(q.shape, num_splits)
+        mid_output = torch.empty(shape_o, dtype=torch.float32, device=q.device)
+        mid_output_lse = torch.empty(shape_l, dtype=torch.float32, device=q.device)
+    lse = torch.empty(bsz, h, t, dtype=torch.float32, device=q.device)
+    return output, mid_output, mid_output_lse, lse
+
+
+def _check_workspace(q, mid_output, mid_output_lse):
+    """User workspaces bound the number of splits: S_max = mid_output.shape[3] - 1."""
+    if mid_output is None and mid_output_lse is None:
+        return None
+    if mid_output is None or mid_output_lse is None:
+        raise ValueError("mid_output, mid_output_lse: expected both or neither, got only one")
+    bsz, h, t, d = q.shape
+    _checks.is_tensor("mid_output", mid_output)
+    _checks.ndim("mid_output", mid_output, 5, "[B, H, T, S_max + 1, D]")
+    _checks.shape("mid_output", mid_output, (bsz, h, t, None, d), "[B, H, T, S_max + 1, D]")
+    _checks.shape("mid_output_lse", mid_output_lse, (bsz, h, t, mid_output.shape[3]), "[B, H, T, S_max + 1]")
+    for name, x in (("mid_output", mid_output), ("mid_output_lse", mid_output_lse)):
+        if x.dtype != torch.float32:
+            raise TypeError(f"{name}: expected dtype float32, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name}: expected device {q.device}, got {x.device}")
+        if not x.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")
+    if mid_output.shape[3] < 2 and q.device.type == "cuda":
+        raise ValueError(f"mid_output: expected shape[3] >= 2 (one cache split + the tree), got {mid_output.shape[3]}")
+    return mid_output.shape[3] - 1
+
+
+_props: dict[int, object] = {}
+
+
+def _device_properties(index: int):
+    if index not in _props:
+        _props[index] = torch.cuda.get_device_properties(index)
+    return _props[index]
+
+
+def _plan(q, hkv, max_len, block_size, max_splits):
+    if q.device.type != "cuda":
+        return (1 if max_len > 0 else 0), max(block_size, max_len)
+    props = _device_properties(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    _, smem = _stages_and_smem(q.shape[3], block_size)
+    smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    ctas_per_sm = max(1, min(smem_per_sm // (smem + 1024), 2))  # launch bounds: 2 CTAs per SM
+    return plan_splits(q.shape[0], hkv, q.shape[1] // hkv * q.shape[2], max_len, block_size,
+                       props.multi_processor_count, ctas_per_sm, max_splits)
+
+
+def _run(q, k_cache, v_cache, block_tables, current_k, current_v, mask, kv_seq_len, capacity,
+         block_size, max_seq_len_in_batch, output, mid_output, mid_output_lse, sm_scale,
+         hkv, log2_page, return_lse, validate):
+    bsz, h, t, d = q.shape
+    mask_u8 = _mask_as_bytes(mask, bsz, t)
+    _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, current_k=current_k, current_v=current_v,
+                        mask=mask_u8, kv_seq_len=kv_seq_len, block_tables=block_tables)
+    _check_diagonal(mask, mask_u8)
+    if max_seq_len_in_batch is None:
+        max_len = capacity
+    elif not isinstance(max_seq_len_in_batch, int) or not 0 <= max_seq_len_in_batch <= capacity:
+        raise ValueError(f"max_seq_len_in_batch: expected an int in [0, {capacity}] (the cache capacity), "
+                         f"got {max_seq_len_in_batch!r}")
+    else:
+        max_len = max_seq_len_in_batch
+    if validate:  # opt-in: one host sync
+        longest = int(kv_seq_len.max()) if bsz else 0
+        shortest = int(kv_seq_len.min()) if bsz else 0
+        if shortest < 0 or longest > max_len:
+            raise ValueError(f"kv_seq_len: expected values in [0, {max_len}], got min {shortest}, max {longest}")
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
+    max_splits = _check_workspace(q, mid_output, mid_output_lse)
+    num_splits, split_len = _plan(q, hkv, max_len, block_size, max_splits)
+    output, mid_output, mid_output_lse, lse = _buffers(q, num_splits, output, mid_output, mid_output_lse, return_lse)
+    direct = output.is_contiguous() or output.stride(0) == h * output.stride(1)
+    out = output if direct else torch.empty_like(output, memory_format=torch.contiguous_format)
+    # Eager calls go straight to the implementation (no dispatcher cost); traced ones see the op.
+    op = torch.ops.flashtree.tree_decode if torch.compiler.is_compiling() else _tree_decode_impl
+    op(
+        q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv_seq_len,
+        mid_output, mid_output_lse, out, lse, block_size, num_splits, split_len, log2_page, scale)
+    if not direct:
+        output.copy_(out)
+    return (output, lse) if return_lse else output
+
+
+def flash_decoding_attention(q, k_cache, v_cache, current_k, current_v, mask, kv_seq_len,
+                             block_size=64, max_seq_len_in_batch=None, output=None, mid_output=None,
+                             mid_output_lse=None, sm_scale=None, kv_group_num=1, *,
+                             return_lse=False, validate=False):
+    """Attention of a draft tree of T tokens per sequence over its KV cache and its tree ancestors.
+
+    Token i of sequence b attends all of ``k_cache[b, :, :kv_seq_len[b]]`` and current token j
+    iff ``mask[(b,) i, j]``.
+
+    Args:
+        q: [B, H, T, D] fp16 or bf16 (CPU: fp32/fp64 through the reference). 1 <= T <= 256;
+            D in {64, 128, 256}. Any strides with a contiguous last dimension.
+        k_cache, v_cache: [B, Hkv, C, D], padded; positions past kv_seq_len[b] may hold anything
+            (NaN included) and never reach the result.
+        current_k, current_v: [B, Hkv, T, D], the tree tokens' keys and values.
+        mask: [T, T] (shared) or [B, T, T]; bool or int (nonzero = may attend) or an additive float
+            mask (0 = attend, -inf = blocked). Row i must allow token i: checked with one host sync
+            the first time a given mask tensor is seen (not during graph capture or tracing).
+        kv_seq_len: int32 [B], cached tokens per sequence (the T tree tokens not included); 0 is fine.
+        block_size: the KV tile length, a compile-time specialisation in {16, 32, 64, 128, 256}
+            ({16, 64, 128} when D = 256); each split is a whole number of tiles.
+        max_seq_len_in_batch: optional host int bounding kv_seq_len (fewer splits); None uses C and
+            never synchronises.
+        output: optional [B, H, T, D] in q's dtype, written in place.
+        mid_output, mid_output_lse: optional fp32 workspaces [B, H, T, S_max + 1, D] and
+            [B, H, T, S_max + 1] (contiguous); they cap the number of splits at S_max. With output
+            and both workspaces given, the call allocates only the [B, H, T] lse (graph capture works).
+            ``workspace_shape(q.shape, S_max)`` gives the shapes.
+        sm_scale: softmax scale, default 1 / sqrt(D).
+        kv_group_num: H / Hkv (GQA group size), checked against the shapes.
+        return_lse: also return the natural-log lse [B, H, T] fp32 (for callers that merge further).
+        validate: check 0 <= kv_seq_len <= the bound on the host (one sync).
+
+    Returns:
+        output [B, H, T, D] in q's dtype (and lse when return_lse).
+    """
+    names = ("q", "k_cache", "v_cache", "current_k", "current_v", "mask", "kv_seq_len")
+    args = [_interop.as_tensor(n, x) for n, x in zip(names, (q, k_cache, v_cache, current_k, current_v, mask, kv_seq_len))]
+    q_t, k_cache, v_cache, current_k, current_v, mask, kv_seq_len = args
+    _checks.is_tensor("k_cache", k_cache)
+    _checks.is_tensor("v_cache", v_cache)
+    bsz, h, t, d, hkv = _check_common(q_t, current_k, current_v, kv_seq_len, block_size, kv_group_num, k_cache.dtype)
+    _checks.ndim("k_cache", k_cache, 4, "[B, Hkv, C, D]")
+    _checks.shape("k_cache", k_cache, (bsz, hkv, None, d), "[B, H / kv_group_num, C, D]")
+    _checks.shape("v_cache", v_cache, tuple(k_cache.shape), "(the shape of k_cache)")
+    _checks.same_dtype("v_cache", v_cache, "q", q_t)
+    _checks.last_dim_contiguous("k_cache", k_cache)
+    _checks.last_dim_contiguous("v_cache", v_cache)
+    result = _run(q_t, k_cache, v_cache, None, current_k, current_v, mask, kv_seq_len, k_cache.shape[2],
+                  block_size, max_seq_len_in_batch, output, mid_output, mid_output_lse, sm_scale,
+                  hkv, 0, return_lse, validate)
+    if return_lse:
+        return _interop.like(q, result[0]), _interop.like(q, result[1])
+    return _interop.like(q, result)
+
+
+def flash_decoding_attention_paged(q, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v,
+                                   mask, block_size=64, max_seq_len_in_batch=None, output=None,
+                                   mid_output=None, mid_output_lse=None, sm_scale=None, kv_group_num=1, *,
+                                   return_lse=False, validate=False):
+    """``flash_decoding_attention`` over a paged KV cache ("replace the padding").
+
+    k_pages, v_pages: [num_pages, Hkv, P, D] with P (the page size) a power of two in
+        {8, 16, 32, 64, 128, 256}; token j of sequence b lives in page block_tables[b, j // P],
+        row j % P. block_tables: int32 [B, max_pages]; entries past the last used page are never read.
+    Everything else is as in ``flash_decoding_attention`` (the capacity is max_pages * P).
+    """
+    names = ("q", "k_pages", "v_pages", "block_tables", "kv_seq_len", "current_k", "current_v", "mask")
+    args = [_interop.as_tensor(n, x) for n, x in zip(names, (q, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v, mask))]
+    q_t, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v, mask = args
+    _checks.is_tensor("k_pages", k_pages)
+    _checks.is_tensor("v_pages", v_pages)
+    _checks.is_tensor("block_tables", block_tables)
+    bsz, h, t, d, hkv = _check_common(q_t, current_k, current_v, kv_seq_len, block_size, kv_group_num, k_pages.dtype)
+    _checks.ndim("k_pages", k_pages, 4, "[num_pages, Hkv, P, D]")
+    _checks.shape("k_pages", k_pages, (None, hkv, None, d), "[num_pages, H / kv_group_num, P, D]")
+    _checks.shape("v_pages", v_pages, tuple(k_pages.shape), "(the shape of k_pages)")
+    _checks.same_dtype("v_pages", v_pages, "q", q_t)
+    _checks.one_of("k_pages.shape[2] (page size)", k_pages.shape[2], PAGE_SIZES)
+    if block_tables.dtype != torch.int32:
+        raise TypeError(f"block_tables: expected dtype int32, got {block_tables.dtype}")
+    _checks.shape("block_tables", block_tables, (bsz, None), "[B, max_pages]")
+    _checks.last_dim_contiguous("k_pages", k_pages)
+    _checks.last_dim_contiguous("v_pages", v_pages)
+    page = k_pages.shape[2]
+    result = _run(q_t, k_pages, v_pages, block_tables, current_k, current_v, mask, kv_seq_len,
+                  block_tables.shape[1] * page, block_size, max_seq_len_in_batch, output, mid_output,
+                  mid_output_lse, sm_scale, hkv, int(math.log2(page)), return_lse, validate)
+    if return_lse:
+        return _interop.like(q, result[0]), _interop.like(q, result[1])
+    return _interop.like(q, result)

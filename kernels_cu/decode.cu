@@ -1,0 +1,301 @@
+// flashtree kernel family `decode`: split-KV attention of a draft tree over a KV cache.
+//
+// Computes, for sequence b, KV head hk and every query row m = t * G + g (tree token t, query head
+// h = hk * G + g), one partial attention state per split:
+//   split s < S (cache):  keys k_cache[b, hk, j] for j in [s * split_len, min((s + 1) * split_len, kv_len[b]))
+//   split S     (tree):   keys current_k[b, hk, j] for j in [0, T) with mask[b, t, j] != 0
+// and writes mid_o[b, h, t, s, :] (normalised over the split's keys, fp32) and mid_lse[b, h, t, s]
+// (natural log; -inf for an empty split, whose mid_o is left unwritten). The merge kernel then
+// combines the S + 1 states exactly into the output.
+//
+// Mapping: grid = (ceil(G * T / 64), S + 1, B * Hkv), 128 threads = 4 warps.
+//   All G * T query rows of one KV head share each K/V tile: a CTA holds 64 of them (16 per warp),
+//   so the cache is read once per KV head and row tile, never once per query head.
+//   Each warp: S = Q K^T and O += P V with mma.sync m16n8k16 (fp32 accumulation), online softmax
+//   in base 2 over sub-tiles of kWarpN keys.
+// Shared memory (16-bit elements): Q [64][D] + STAGES x (K [BLOCK_N][D] + V [BLOCK_N][D]), rows
+//   XOR-swizzled in 16-byte chunks; K/V tiles arrive by cp.async, double-buffered when STAGES = 2.
+//   bytes = 2 * (64 * D + STAGES * 2 * BLOCK_N * D)   (the host computes the same formula).
+//
+// Inputs (strides in elements, head_dim contiguous, rows 16-byte aligned):
+//   q          T      [B, H, T, D]                 strides (q_sb, q_sh, q_st)
+//   k/v cache  T      padded [B, Hkv, C, D]        strides (sb, sh, st)
+//                     paged  [pages, Hkv, P, D]    strides (sb = page stride, sh, st); P = 2^log2_page
+//   block_table int32 [B, max_pages]               stride bt_sb (paged only)
+//   current k/v T     [B, Hkv, T, D]               strides (sb, sh, st)
+//   mask       uint8  [B or 1, T, T]               strides (m_sb = 0 when shared, m_si, m_sj)
+//   kv_len     int32  [B]
+// Outputs: mid_o fp32 [B, H, T, S + 1, D] and mid_lse fp32 [B, H, T, S + 1], contiguous.
+// Numerics: scores scaled by scale_log2 = sm_scale * log2(e), exp2 softmax, fp32 accumulation;
+//   keys outside [begin, end) are zero-filled in shared memory and masked to -inf, so NaN or
+//   garbage beyond kv_len never reaches the result.
+#include "common/types.cuh"
+#include "common/state.cuh"
+#include "common/mma.cuh"
+
+namespace ft {
+
+template <typename T, int D, int BLOCK_N, int STAGES>
+struct DecodeConfig {
+  static constexpr int kThreads = 128;
+  static constexpr int kBlockM = 64;                        // query rows per CTA (16 per warp)
+  static constexpr int kWarpN = BLOCK_N < 32 ? BLOCK_N : 32;  // keys per softmax step (registers)
+  static constexpr int kChunks = D / 8;                     // 16-byte chunks per row
+  static constexpr bool kQInRegs = D <= 128;                // D = 256 re-reads Q from smem
+  static constexpr int kQElems = kBlockM * D;
+  static constexpr int kTileElems = BLOCK_N * D;
+  static_assert(BLOCK_N % 16 == 0 && BLOCK_N % kWarpN == 0, "BLOCK_N must be a multiple of 16");
+  static_assert(STAGES == 1 || STAGES == 2, "one or two stages");
+};
+
+// Where one key's row of K or V lives.
+struct KvAddress {
+  i64 sb, sh, st;
+  const int* block_table;  // paged only
+  i64 bt_sb;
+  int log2_page;
+
+  template <bool PAGED, typename T>
+  __device__ __forceinline__ const T* row(const T* base, int b, int hk, int key) const {
+    if (PAGED) {
+      const int page = block_table[b * bt_sb + (key >> log2_page)];
+      return base + page * sb + hk * sh + (key & ((1 << log2_page) - 1)) * st;
+    }
+    return base + b * sb + hk * sh + key * st;
+  }
+};
+
+template <typename T, int D, int BLOCK_N, int STAGES, bool PAGED>
+__global__ void __launch_bounds__(128, 2)  // 2 CTAs per SM: up to 255 registers, no spills
+tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
+                   const T* __restrict__ k_cache, i64 kc_sb, i64 kc_sh, i64 kc_st,
+                   const T* __restrict__ v_cache, i64 vc_sb, i64 vc_sh, i64 vc_st,
+                   const int* __restrict__ block_table, i64 bt_sb, int log2_page,
+                   const T* __restrict__ cur_k, i64 ck_sb, i64 ck_sh, i64 ck_st,
+                   const T* __restrict__ cur_v, i64 cv_sb, i64 cv_sh, i64 cv_st,
+                   const unsigned char* __restrict__ mask, i64 m_sb, i64 m_si, i64 m_sj,
+                   const int* __restrict__ kv_len,
+                   float* __restrict__ mid_o, float* __restrict__ mid_lse,
+                   int num_heads, int group, int num_tokens, int num_splits, int split_len,
+                   float scale_log2) {
+  using Cfg = DecodeConfig<T, D, BLOCK_N, STAGES>;
+  using Tile = SwizzledTile<D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem_q = reinterpret_cast<T*>(smem_raw);                  // [64][D]
+  T* smem_kv = smem_q + Cfg::kQElems;                          // [STAGES][2][BLOCK_N][D]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int num_kv_heads = num_heads / group;
+  const int b = blockIdx.z / num_kv_heads, hk = blockIdx.z % num_kv_heads;
+  const int split = blockIdx.y, num_states = num_splits + 1;
+  const int rows = group * num_tokens;                         // M = G * T query rows
+  const int m0 = blockIdx.x * Cfg::kBlockM;
+
+  // Step 1: this CTA's key range; the tree split reads current_k/current_v under the mask.
+  const bool is_tree = split == num_splits;
+  int key_begin = 0, key_end = num_tokens;
+  if (!is_tree) {
+    key_begin = split * split_len;
+    key_end = min(key_begin + split_len, kv_len[b]);
+  }
+  const T* k_base = is_tree ? cur_k : k_cache;
+  const T* v_base = is_tree ? cur_v : v_cache;
+  const KvAddress k_addr = is_tree ? KvAddress{ck_sb, ck_sh, ck_st, nullptr, 0, 0}
+                                   : KvAddress{kc_sb, kc_sh, kc_st, block_table, bt_sb, log2_page};
+  const KvAddress v_addr = is_tree ? KvAddress{cv_sb, cv_sh, cv_st, nullptr, 0, 0}
+                                   : KvAddress{vc_sb, vc_sh, vc_st, block_table, bt_sb, log2_page};
+  const bool paged = PAGED && !is_tree;
+
+  // An empty split stores lse = -inf only: the merge ignores the o of an empty state.
+  if (key_end <= key_begin) {
+    for (int m = m0 + tid; m < min(m0 + Cfg::kBlockM, rows); m += Cfg::kThreads) {
+      const int t = m / group, h = hk * group + m % group;
+      mid_lse[(static_cast<i64>(b * num_heads + h) * num_tokens + t) * num_states + split] = neg_inf();
+    }
+    return;
+  }
+
+  // Step 2: async loads. Q rows past M and keys past key_end are zero-filled (nothing read).
+  auto load_q = [&]() {
+    for (int i = tid; i < Cfg::kBlockM * Cfg::kChunks; i += Cfg::kThreads) {
+      const int r = i / Cfg::kChunks, c = i % Cfg::kChunks, m = m0 + r;
+      const bool ok = m < rows;
+      const int mm = ok ? m : 0;
+      const T* src = q + b * q_sb + (hk * group + mm % group) * q_sh + (mm / group) * q_st + c * 8;
+      cp_async_16(smem_addr(smem_q + Tile::offset(r, c)), src, ok ? 16 : 0);
+    }
+  };
+  auto load_kv = [&](int stage, int tile_start) {
+    T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
+    T* sv = sk + Cfg::kTileElems;
+    for (int i = tid; i < BLOCK_N * Cfg::kChunks; i += Cfg::kThreads) {
+      const int r = i / Cfg::kChunks, c = i % Cfg::kChunks, key = tile_start + r;
+      const bool ok = key < key_end;
+      const int kk = ok ? key : key_begin;
+      const T* ks = paged ? k_addr.row<true>(k_base, b, hk, kk) : k_addr.row<false>(k_base, b, hk, kk);
+      const T* vs = paged ? v_addr.row<true>(v_base, b, hk, kk) : v_addr.row<false>(v_base, b, hk, kk);
+      cp_async_16(smem_addr(sk + Tile::offset(r, c)), ks + c * 8, ok ? 16 : 0);
+      cp_async_16(smem_addr(sv + Tile::offset(r, c)), vs + c * 8, ok ? 16 : 0);
+    }
+  };
+
+  const int num_tiles = (key_end - key_begin + BLOCK_N - 1) / BLOCK_N;
+  load_q();
+  cp_async_commit();
+  load_kv(0, key_begin);
+  cp_async_commit();
+  cp_async_wait<1>();  // Q has landed (tile 0 may still be in flight)
+  __syncthreads();
+
+  // Step 3: per-warp state. This warp owns rows m0 + 16 * warp + {g, g + 8}.
+  const int g = lane / 4, c4 = lane % 4;
+  const int warp_row0 = warp * 16;
+  const bool warp_active = m0 + warp_row0 < rows;
+  u32 q_frag[Cfg::kQInRegs ? D / 16 : 1][4];
+  if (Cfg::kQInRegs && warp_active) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int r = warp_row0 + (lane % 8) + 8 * ((lane / 8) % 2);
+      ldmatrix_x4(q_frag[kk], smem_addr(smem_q + Tile::offset(r, 2 * kk + lane / 16)));
+    }
+  }
+  float o_acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
+  float row_max[2] = {neg_inf(), neg_inf()};  // base-2 running max of rows g and g + 8
+  float row_sum[2] = {0.f, 0.f};              // this lane's partial sums (quad-reduced at the end)
+  // Tree token of each owned row (for the mask); rows past M are never stored.
+  const int t_row0 = min(m0 + warp_row0 + g, rows - 1) / group;
+  const int t_row1 = min(m0 + warp_row0 + g + 8, rows - 1) / group;
+
+  // Step 4: the KV loop, one BLOCK_N tile per iteration.
+  for (int it = 0; it < num_tiles; ++it) {
+    const int tile_start = key_begin + it * BLOCK_N;
+    int stage = 0;
+    if (STAGES == 2) {
+      stage = it & 1;
+      if (it + 1 < num_tiles) load_kv(stage ^ 1, tile_start + BLOCK_N);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      if (it > 0) {
+        load_kv(0, tile_start);
+        cp_async_commit();
+      }
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
+    const T* sv = sk + Cfg::kTileElems;
+    const bool needs_mask = is_tree || tile_start + BLOCK_N > key_end;
+
+    if (warp_active) {
+#pragma unroll 1
+      for (int kb = 0; kb < BLOCK_N; kb += Cfg::kWarpN) {
+        // Step 4a: S = Q K^T for kWarpN keys.
+        float s[Cfg::kWarpN / 8][4];
+#pragma unroll
+        for (int j = 0; j < Cfg::kWarpN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          u32 a[4];
+          if (Cfg::kQInRegs) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = q_frag[Cfg::kQInRegs ? kk : 0][i];
+          } else {
+            const int r = warp_row0 + (lane % 8) + 8 * ((lane / 8) % 2);
+            ldmatrix_x4(a, smem_addr(smem_q + Tile::offset(r, 2 * kk + lane / 16)));
+          }
+#pragma unroll
+          for (int j2 = 0; j2 < Cfg::kWarpN / 16; ++j2) {
+            u32 kf[4];
+            const int key = kb + j2 * 16 + (lane % 8) + 8 * (lane / 16);
+            ldmatrix_x4(kf, smem_addr(sk + Tile::offset(key, 2 * kk + (lane / 8) % 2)));
+            mma_16816<T>(s[2 * j2], a, kf[0], kf[1]);
+            mma_16816<T>(s[2 * j2 + 1], a, kf[2], kf[3]);
+          }
+        }
+
+        // Step 4b: scale to base 2; mask keys outside the range and, in the tree split, by the tree.
+#pragma unroll
+        for (int j = 0; j < Cfg::kWarpN / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = tile_start + kb + 8 * j + 2 * c4 + (e & 1);
+            bool ok = true;
+            if (needs_mask) {
+              ok = key < key_end;
+              if (is_tree && ok) ok = mask[b * m_sb + (e < 2 ? t_row0 : t_row1) * m_si + key * m_sj] != 0;
+            }
+            s[j][e] = ok ? s[j][e] * scale_log2 : neg_inf();
+          }
+        }
+
+        // Step 4c: online softmax (rows g and g + 8), rescaling what O holds so far.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float mx = row_max[r];
+#pragma unroll
+          for (int j = 0; j < Cfg::kWarpN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+          mx = quad_max(mx);
+          const float base = mx == neg_inf() ? 0.f : mx;  // all masked so far: keep exp2 finite
+          const float rescale = fast_exp2(row_max[r] - base);
+          row_max[r] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int j = 0; j < Cfg::kWarpN / 8; ++j) {
+            s[j][2 * r] = fast_exp2(s[j][2 * r] - base);
+            s[j][2 * r + 1] = fast_exp2(s[j][2 * r + 1] - base);
+            sum += s[j][2 * r] + s[j][2 * r + 1];
+          }
+          row_sum[r] = row_sum[r] * rescale + sum;
+#pragma unroll
+          for (int i = 0; i < D / 8; ++i) {
+            o_acc[i][2 * r] *= rescale;
+            o_acc[i][2 * r + 1] *= rescale;
+          }
+        }
+
+        // Step 4d: O += P V, P re-packed from the S accumulators as 16-bit A fragments.
+#pragma unroll
+        for (int kk = 0; kk < Cfg::kWarpN / 16; ++kk) {
+          u32 a[4];
+          a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+          a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+          a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+          a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+          for (int dn = 0; dn < D / 16; ++dn) {
+            u32 vf[4];
+            const int key = kb + kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
+            ldmatrix_x4_trans(vf, smem_addr(sv + Tile::offset(key, 2 * dn + lane / 16)));
+            mma_16816<T>(o_acc[2 * dn], a, vf[0], vf[1]);
+            mma_16816<T>(o_acc[2 * dn + 1], a, vf[2], vf[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next iteration's copy overwrites this stage
+  }
+
+  // Step 5: normalise and store this split's state for the owned rows.
+  if (!warp_active) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float total = quad_sum(row_sum[r]);
+    const int m = m0 + warp_row0 + g + 8 * r;
+    if (m >= rows) continue;
+    const int t = m / group, h = hk * group + m % group;
+    const i64 state = (static_cast<i64>(b * num_heads + h) * num_tokens + t) * num_states + split;
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    float* dst = mid_o + state * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      float2 v = make_float2(o_acc[i][2 * r] * inv, o_acc[i][2 * r + 1] * inv);
+      *reinterpret_cast<float2*>(dst + 8 * i + 2 * c4) = v;
+    }
+    if (c4 == 0) mid_lse[state] = lse_from_base2(row_max[r], total);
+  }
+}
+
+}  // namespace ft
