@@ -356,6 +356,24 @@ def _run(q, k_cache, v_cache, block_tables, current_k, current_v, mask, kv_seq_l
     return (output, lse) if return_lse else output
 
 
+def _check_kv(k_name, k, v_name, v, q, expected, layout):
+    """The K and V caches (padded or paged): same shape and dtype as each other and q, D contiguous."""
+    _checks.is_tensor(v_name, v)
+    _checks.ndim(k_name, k, 4, layout)
+    _checks.shape(k_name, k, expected, layout)
+    _checks.shape(v_name, v, tuple(k.shape), f"(the shape of {k_name})")
+    _checks.same_dtype(v_name, v, "q", q)
+    _checks.last_dim_contiguous(k_name, k)
+    _checks.last_dim_contiguous(v_name, v)
+
+
+def _returned(q, result, return_lse):
+    """The caller's kind of array (CuPy in, CuPy out), with the lse when asked for."""
+    if return_lse:
+        return _interop.like(q, result[0]), _interop.like(q, result[1])
+    return _interop.like(q, result)
+
+
 def flash_decoding_attention(q, k_cache, v_cache, current_k, current_v, mask, kv_seq_len,
                              block_size=64, max_seq_len_in_batch=None, output=None, mid_output=None,
                              mid_output_lse=None, sm_scale=None, kv_group_num=1, *,
@@ -396,20 +414,12 @@ def flash_decoding_attention(q, k_cache, v_cache, current_k, current_v, mask, kv
     args = [_interop.as_tensor(n, x) for n, x in zip(names, (q, k_cache, v_cache, current_k, current_v, mask, kv_seq_len))]
     q_t, k_cache, v_cache, current_k, current_v, mask, kv_seq_len = args
     _checks.is_tensor("k_cache", k_cache)
-    _checks.is_tensor("v_cache", v_cache)
     bsz, h, t, d, hkv = _check_common(q_t, current_k, current_v, kv_seq_len, block_size, kv_group_num, k_cache.dtype)
-    _checks.ndim("k_cache", k_cache, 4, "[B, Hkv, C, D]")
-    _checks.shape("k_cache", k_cache, (bsz, hkv, None, d), "[B, H / kv_group_num, C, D]")
-    _checks.shape("v_cache", v_cache, tuple(k_cache.shape), "(the shape of k_cache)")
-    _checks.same_dtype("v_cache", v_cache, "q", q_t)
-    _checks.last_dim_contiguous("k_cache", k_cache)
-    _checks.last_dim_contiguous("v_cache", v_cache)
+    _check_kv("k_cache", k_cache, "v_cache", v_cache, q_t, (bsz, hkv, None, d), "[B, H / kv_group_num, C, D]")
     result = _run(q_t, k_cache, v_cache, None, current_k, current_v, mask, kv_seq_len, k_cache.shape[2],
                   block_size, max_seq_len_in_batch, output, mid_output, mid_output_lse, sm_scale,
                   hkv, 0, return_lse, validate)
-    if return_lse:
-        return _interop.like(q, result[0]), _interop.like(q, result[1])
-    return _interop.like(q, result)
+    return _returned(q, result, return_lse)
 
 
 def flash_decoding_attention_paged(q, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v,
@@ -427,23 +437,15 @@ def flash_decoding_attention_paged(q, k_pages, v_pages, block_tables, kv_seq_len
     args = [_interop.as_tensor(n, x) for n, x in zip(names, (q, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v, mask))]
     q_t, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v, mask = args
     _checks.is_tensor("k_pages", k_pages)
-    _checks.is_tensor("v_pages", v_pages)
     _checks.is_tensor("block_tables", block_tables)
     bsz, h, t, d, hkv = _check_common(q_t, current_k, current_v, kv_seq_len, block_size, kv_group_num, k_pages.dtype)
-    _checks.ndim("k_pages", k_pages, 4, "[num_pages, Hkv, P, D]")
-    _checks.shape("k_pages", k_pages, (None, hkv, None, d), "[num_pages, H / kv_group_num, P, D]")
-    _checks.shape("v_pages", v_pages, tuple(k_pages.shape), "(the shape of k_pages)")
-    _checks.same_dtype("v_pages", v_pages, "q", q_t)
+    _check_kv("k_pages", k_pages, "v_pages", v_pages, q_t, (None, hkv, None, d), "[num_pages, H / kv_group_num, P, D]")
     _checks.one_of("k_pages.shape[2] (page size)", k_pages.shape[2], PAGE_SIZES)
     if block_tables.dtype != torch.int32:
         raise TypeError(f"block_tables: expected dtype int32, got {block_tables.dtype}")
     _checks.shape("block_tables", block_tables, (bsz, None), "[B, max_pages]")
-    _checks.last_dim_contiguous("k_pages", k_pages)
-    _checks.last_dim_contiguous("v_pages", v_pages)
     page = k_pages.shape[2]
     result = _run(q_t, k_pages, v_pages, block_tables, current_k, current_v, mask, kv_seq_len,
                   block_tables.shape[1] * page, block_size, max_seq_len_in_batch, output, mid_output,
                   mid_output_lse, sm_scale, hkv, int(math.log2(page)), return_lse, validate)
-    if return_lse:
-        return _interop.like(q, result[0]), _interop.like(q, result[1])
-    return _interop.like(q, result)
+    return _returned(q, result, return_lse)

@@ -11,6 +11,8 @@ import time
 import torch
 
 from . import _jit, merge_states, reference
+from .bench.ceilings import measure_copy_bandwidth
+from .bench.timing import bench
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -35,23 +37,8 @@ def _time_merge_gpu() -> None:
     o = torch.randn(n, s, h, d, device="cuda", dtype=torch.bfloat16)
     lse = torch.randn(n, s, h, device="cuda")
     out = (torch.empty(n, h, d, device="cuda", dtype=torch.bfloat16), torch.empty(n, h, device="cuda"))
-    src = torch.empty(o.numel() * 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-
-    def median_ms(fn, iters=20):
-        fn()
-        times = []
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return sorted(times)[len(times) // 2]
-
-    copy_bw = 2 * src.numel() / (median_ms(lambda: dst.copy_(src)) * 1e-3)
-    ms = median_ms(lambda: merge_states(o, lse, out=out))
+    copy_bw = measure_copy_bandwidth()
+    ms = bench(lambda: merge_states(o, lse, out=out), iters=20).median_us * 1e-3
     nbytes = o.numel() * 2 + lse.numel() * 4 + out[0].numel() * 2 + out[1].numel() * 4
     floor_ms = nbytes / copy_bw * 1e3
     print(f"merge_states N={n} S={s} H={h} D={d} bf16: {ms * 1e3:.0f} us, {nbytes / ms / 1e6:.0f} GB/s "
