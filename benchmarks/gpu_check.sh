@@ -11,7 +11,10 @@ LOG="$OUT/gpu_check.log"
   python3 -m flashtree info | head -8
   echo "== compile timing"; python3 benchmarks/compile_timing.py
   echo "== profile"; python3 benchmarks/profile_first_call.py 2>&1 | head -45
-  echo "== GPU tests"; python3 -m pytest -q -m gpu -p no:cacheprovider tests ${1:+-k "$1"} 2>&1 | tail -40
-  echo "== memcheck"; compute-sanitizer --tool memcheck --print-limit 10 python3 benchmarks/sanitize.py 2>&1 | tail -6
-  echo "== racecheck"; compute-sanitizer --tool racecheck --print-limit 10 python3 benchmarks/sanitize.py 2>&1 | tail -6
+  echo "== GPU tests"; python3 -m pytest -q -m gpu -p no:cacheprovider tests ${1:+-k "$1"} 2>&1 | grep -v DEBUG > "$OUT/gpu_tests.log"; tail -60 "$OUT/gpu_tests.log"
+  for script in benchmarks/sanitize*.py; do
+    for tool in memcheck racecheck; do
+      echo "== $tool $script"; compute-sanitizer --tool $tool --print-limit 10 python3 "$script" 2>&1 | grep -v DEBUG | tail -4
+    done
+  done
 } 2>&1 | tee "$LOG"

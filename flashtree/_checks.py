@@ -89,9 +89,7 @@ def writable_output(name: str, x: torch.Tensor, expected_shape, dtype: torch.dty
 
 def aligned16(x: torch.Tensor, dims: Sequence[int]) -> bool:
     """Whether every row that starts at the given dims is 16-byte aligned (vector access)."""
-    size = x.element_size()
-    if x.numel() == 0:
-        return True
     if x.data_ptr() % 16:
-        return False
-    return all(x.stride(d) * size % 16 == 0 or x.shape[d] == 1 for d in dims)
+        return x.numel() == 0
+    size, strides, shape = x.element_size(), x.stride(), x.shape
+    return all(strides[d] * size % 16 == 0 or shape[d] == 1 for d in dims)

@@ -17,6 +17,7 @@ S + 1 partial states are merged exactly by the merge kernel (log-sum-exp).
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -32,30 +33,59 @@ PAGE_SIZES = (8, 16, 32, 64, 128, 256)
 MAX_TREE_TOKENS = 256
 _BLOCK_M = 64  # query rows per CTA (kernels_cu/decode.cu: DecodeConfig::kBlockM)
 _SMEM_LIMIT = 227 * 1024
+_TWO_CTA_SMEM = 113 * 1024  # two CTAs per SM on sm_90 (228 KB, 1 KB reserved per CTA); sm_80 has 164 KB
 
 
 # head_dim 256 keeps 128 fp32 accumulators per thread; these tile lengths spill registers there.
 _UNSUPPORTED = {(256, 32), (256, 256)}
 
 
+@functools.lru_cache(maxsize=None)
 def _stages_and_smem(head_dim: int, block_size: int) -> tuple[int, int] | None:
     """Pipeline depth and dynamic shared memory (bytes); None for an unsupported combination."""
     if (head_dim, block_size) in _UNSUPPORTED:
         return None
+    def smem(stages):
+        return 2 * (_BLOCK_M * head_dim + stages * 2 * block_size * head_dim)
+
+    # Deepest pipeline (up to 4 stages) with which two CTAs still share an SM; else whatever fits.
+    for stages in (4, 3, 2):
+        if smem(stages) <= _TWO_CTA_SMEM:
+            return stages, smem(stages)
     for stages in (2, 1):
-        smem = 2 * (_BLOCK_M * head_dim + stages * 2 * block_size * head_dim)
-        if smem <= _SMEM_LIMIT:
-            return stages, smem
+        if smem(stages) <= _SMEM_LIMIT:
+            return stages, smem(stages)
     return None
 
 
-def spec(dtype: torch.dtype, head_dim: int, block_size: int, paged: bool) -> _jit.KernelSpec:
+def warp_n(head_dim: int, block_size: int) -> int:
+    """Keys per softmax step in the kernel (DecodeConfig::kWarpN before capping by the tile).
+
+    64 halves the rescales of O and doubles the independent accumulators but leaves no registers
+    for Q fragments (Q is then re-read from shared memory); D = 256 has no registers to spare.
+    ``_WARP_N_OVERRIDE`` selects a variant for exploration (benchmarks/diag.py, notebooks).
+    """
+    if _WARP_N_OVERRIDE is not None:
+        return _WARP_N_OVERRIDE
+    return 64 if head_dim <= 128 else 32
+
+
+_WARP_N_OVERRIDE: int | None = None
+
+
+def spec(dtype: torch.dtype, head_dim: int, block_size: int, paged: bool, warp: int | None = None) -> _jit.KernelSpec:
+    return _spec(dtype, head_dim, block_size, paged, warp or warp_n(head_dim, block_size))
+
+
+@functools.lru_cache(maxsize=None)  # called on every launch: build each spec once
+def _spec(dtype: torch.dtype, head_dim: int, block_size: int, paged: bool, warp: int) -> _jit.KernelSpec:
     stages, _ = _stages_and_smem(head_dim, block_size)
+    variant = "" if warp == 64 or (head_dim > 128 and warp == 32) else f"_w{warp}"
     return _jit.KernelSpec(
         family="decode",
         kernel="ft::tree_decode_kernel",
-        template_args=(_jit.ctype(dtype), head_dim, block_size, stages, "true" if paged else "false"),
-        name=f"decode_{'paged_' if paged else ''}{_jit.short(dtype)}_d{head_dim}_b{block_size}",
+        template_args=(_jit.ctype(dtype), head_dim, block_size, stages, warp, "true" if paged else "false"),
+        name=f"decode_{'paged_' if paged else ''}{_jit.short(dtype)}_d{head_dim}_b{block_size}{variant}",
     )
 
 
@@ -113,12 +143,15 @@ def _mask_as_bytes(mask: torch.Tensor, b: int, t: int) -> torch.Tensor:
     _checks.is_tensor("mask", mask)
     if mask.dim() not in (2, 3) or tuple(mask.shape[-2:]) != (t, t) or (mask.dim() == 3 and mask.shape[0] != b):
         raise ValueError(f"mask: expected shape [{t}, {t}] or [{b}, {t}, {t}] (T = q.shape[2]), got {list(mask.shape)}")
+    # Bool -> uint8 is a zero-copy view in eager mode; Inductor cannot lower a dtype view of bool,
+    # so traced code converts instead (one tiny kernel inside the compiled graph).
+    as_bytes = (lambda x: x.to(torch.uint8)) if torch.compiler.is_compiling() else (lambda x: x.view(torch.uint8))
     if mask.dtype == torch.bool:
-        allowed = mask.view(torch.uint8)
+        allowed = as_bytes(mask)
     elif mask.dtype.is_floating_point:  # additive mask: 0 = attend, -inf = blocked
-        allowed = (mask == 0).view(torch.uint8)
+        allowed = as_bytes(mask == 0)
     elif mask.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
-        allowed = (mask != 0).view(torch.uint8)
+        allowed = as_bytes(mask != 0)
     else:
         raise TypeError(f"mask: expected dtype bool, an integer or a floating dtype, got {mask.dtype}")
     return allowed if allowed.dim() == 3 else allowed.unsqueeze(0)
@@ -150,8 +183,11 @@ def _check_diagonal(mask: torch.Tensor, allowed: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------- the op
 
 
-def _int_ptr(x: torch.Tensor | None):
-    return np.uint64(x.data_ptr() if x is not None else 0)
+# tree_decode_kernel's parameters (kernels_cu/decode.cu): q, k cache, v cache (pointer + 3 strides
+# each), block table (pointer, stride, log2 page), current k and v, mask (pointer + 3 strides),
+# kv_len, mid_o, mid_lse, five int32 sizes and the base-2 scale.
+_PARAMS = _jit.param_layout("Qqqq Qqqq Qqqq Qqi Qqqq Qqqq Qqqq Q QQ iiiii f")
+_LOG2E = math.log2(math.e)
 
 
 def _launch(q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv_seq_len,
@@ -162,32 +198,34 @@ def _launch(q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv
     q, k_cache, v_cache, current_k, current_v = map(_aligned, (q, k_cache, v_cache, current_k, current_v))
     kernel = _jit.get_kernel(spec(q.dtype, d, block_size, paged), q.device)
     _, smem = _stages_and_smem(d, block_size)
-    i64 = np.int64
-    kv_strides = lambda x: (i64(x.stride(0)), i64(x.stride(1)), i64(x.stride(2)))  # noqa: E731
-    grid = (math.ceil(h // hkv * t / _BLOCK_M), num_splits + 1, bsz * hkv)
-    kernel(
-        grid, (128, 1, 1),
+    grid = ((h // hkv * t + _BLOCK_M - 1) // _BLOCK_M, num_splits + 1, bsz * hkv)
+    ms = mask_u8.stride()
+    kernel.launch(
+        grid, (128, 1, 1), _PARAMS,
         (
-            _int_ptr(q), *kv_strides(q),
-            _int_ptr(k_cache), *kv_strides(k_cache),
-            _int_ptr(v_cache), *kv_strides(v_cache),
-            _int_ptr(block_tables), i64(block_tables.stride(0) if paged else 0), np.int32(log2_page),
-            _int_ptr(current_k), *kv_strides(current_k),
-            _int_ptr(current_v), *kv_strides(current_v),
-            _int_ptr(mask_u8), i64(mask_u8.stride(0) if mask_u8.shape[0] > 1 else 0),
-            i64(mask_u8.stride(1)), i64(mask_u8.stride(2)),
-            _int_ptr(kv_seq_len),
-            _int_ptr(mid_o), _int_ptr(mid_lse),
-            np.int32(h), np.int32(h // hkv), np.int32(t), np.int32(num_splits), np.int32(split_len),
-            np.float32(sm_scale * math.log2(math.e)),
+            q.data_ptr(), *q.stride()[:3],
+            k_cache.data_ptr(), *k_cache.stride()[:3],
+            v_cache.data_ptr(), *v_cache.stride()[:3],
+            block_tables.data_ptr() if paged else 0, block_tables.stride(0) if paged else 0, log2_page,
+            current_k.data_ptr(), *current_k.stride()[:3],
+            current_v.data_ptr(), *current_v.stride()[:3],
+            mask_u8.data_ptr(), ms[0] if mask_u8.shape[0] > 1 else 0, ms[1], ms[2],
+            kv_seq_len.data_ptr(),
+            mid_o.data_ptr(), mid_lse.data_ptr(),
+            h, h // hkv, t, num_splits, split_len,
+            sm_scale * _LOG2E,
         ),
         smem=smem,
     )
-    # Combine: states [B*H, S+1, T, D] (a view of mid_o) -> output [B*H, T, D].
-    s1 = num_splits + 1
-    states = mid_o[..., :s1, :].reshape(bsz * h, t, s1, d).transpose(1, 2)
-    state_lse = mid_lse[..., :s1].reshape(bsz * h, t, s1).transpose(1, 2)
-    merge.launch(states, state_lse, output.view(bsz * h, t, d), lse.view(bsz * h, t))
+    # Combine: the states of row (b, h, t) are mid_o[b, h, t, :S + 1] (contiguous workspace), read
+    # as [N = B * H, S + 1, T, D] -> output [B * H, T, D] (contiguous).
+    s1, s_total = num_splits + 1, mid_o.shape[3]
+    merge.launch_raw(
+        q.device, torch.float32, q.dtype, (bsz * h, s1, t, d),
+        mid_o.data_ptr(), (t * s_total * d, d, s_total * d),
+        mid_lse.data_ptr(), (t * s_total, 1, s_total),
+        output.data_ptr(), (output.stride(1), output.stride(2)), lse.data_ptr(), (t, 1),
+    )
 
 
 def _tree_decode_impl(
@@ -295,6 +333,8 @@ def _check_workspace(q, mid_output, mid_output_lse):
             raise ValueError(f"{name}: expected device {q.device}, got {x.device}")
         if not x.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")
+        if x.data_ptr() % 16:
+            raise ValueError(f"{name}: expected a 16-byte aligned data pointer, got {x.data_ptr():#x}")
     if mid_output.shape[3] < 2 and q.device.type == "cuda":
         raise ValueError(f"mid_output: expected shape[3] >= 2 (one cache split + the tree), got {mid_output.shape[3]}")
     return mid_output.shape[3] - 1
@@ -344,7 +384,10 @@ def _run(q, k_cache, v_cache, block_tables, current_k, current_v, mask, kv_seq_l
     max_splits = _check_workspace(q, mid_output, mid_output_lse)
     num_splits, split_len = _plan(q, hkv, max_len, block_size, max_splits)
     output, mid_output, mid_output_lse, lse = _buffers(q, num_splits, output, mid_output, mid_output_lse, return_lse)
-    direct = output.is_contiguous() or output.stride(0) == h * output.stride(1)
+    # The combine step writes output as [B * H, T, D] rows with 16-byte vector stores.
+    # (Traced code cannot read data pointers; there the eager calls' checks stand.)
+    direct = (output.is_contiguous() or output.stride(0) == h * output.stride(1)) and (
+        output.device.type != "cuda" or torch.compiler.is_compiling() or _checks.aligned16(output, (0, 1, 2)))
     out = output if direct else torch.empty_like(output, memory_format=torch.contiguous_format)
     # Eager calls go straight to the implementation (no dispatcher cost); traced ones see the op.
     op = torch.ops.flashtree.tree_decode if torch.compiler.is_compiling() else _tree_decode_impl

@@ -5,6 +5,8 @@ and CUDA graphs see an opaque, allocation-free call), and the public functions.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -15,12 +17,14 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ROW_THREADS = 256  # threads per block ~ rows per block * threads per row
 
 
+@functools.lru_cache(maxsize=None)
 def _geometry(dtype: torch.dtype, head_dim: int) -> tuple[int, int]:
     """(threads per row, rows per block): each thread owns 16 bytes of a row's head_dim."""
     lanes = head_dim * torch.finfo(dtype).bits // 8 // 16
     return lanes, max(1, _ROW_THREADS // lanes)
 
 
+@functools.lru_cache(maxsize=None)  # called on every launch: build each spec once
 def spec(dtype: torch.dtype, head_dim: int, out_dtype: torch.dtype | None = None) -> _jit.KernelSpec:
     """The merge kernel for o in ``dtype`` written out in ``out_dtype`` (default: the same)."""
     out_dtype = out_dtype or dtype
@@ -50,22 +54,26 @@ def launch(o, lse, o_out, lse_out) -> None:
         o = o.clone(memory_format=torch.contiguous_format)  # vector loads need 16-byte rows
     if not _checks.aligned16(o_out, (0, 1)):
         raise ValueError("out[0]: expected 16-byte aligned rows (data_ptr and strides), got a misaligned view")
-    kernel = _jit.get_kernel(spec(o.dtype, d, o_out.dtype), o.device)
-    lanes, rows = _geometry(o.dtype, d)
-    grid, block = (n * h + rows - 1) // rows, rows * lanes
-    i64 = np.int64
-    kernel(
-        (grid, 1, 1),
-        (block, 1, 1),
-        (
-            np.uint64(o.data_ptr()), np.uint64(lse.data_ptr()),
-            np.uint64(o_out.data_ptr()), np.uint64(lse_out.data_ptr()),
-            np.int32(n * h), np.int32(h), np.int32(s),
-            i64(o.stride(0)), i64(o.stride(1)), i64(o.stride(2)),
-            i64(lse.stride(0)), i64(lse.stride(1)), i64(lse.stride(2)),
-            i64(o_out.stride(0)), i64(o_out.stride(1)),
-            i64(lse_out.stride(0)), i64(lse_out.stride(1)),
-        ),
+    launch_raw(o.device, o.dtype, o_out.dtype, (n, s, h, d),
+               o.data_ptr(), o.stride()[:3], lse.data_ptr(), lse.stride(),
+               o_out.data_ptr(), o_out.stride()[:2], lse_out.data_ptr(), lse_out.stride())
+
+
+# merge_states_kernel(o, lse, o_out, lse_out, num_rows, num_heads, num_states, 10 x int64 strides)
+_PARAMS = _jit.param_layout("QQQQ iii qqq qqq qq qq")
+
+
+def launch_raw(device, dtype, out_dtype, shape, o_ptr, o_strides, lse_ptr, lse_strides,
+               out_ptr, out_strides, out_lse_ptr, out_lse_strides) -> None:
+    """The launch itself, from raw pointers and element strides (aligned, validated by the caller):
+    decode's combine step calls it on its workspace without building tensor views."""
+    n, s, h, d = shape
+    kernel = _jit.get_kernel(spec(dtype, d, out_dtype), device)
+    lanes, rows = _geometry(dtype, d)
+    kernel.launch(
+        ((n * h + rows - 1) // rows, 1, 1), (rows * lanes, 1, 1), _PARAMS,
+        (o_ptr, lse_ptr, out_ptr, out_lse_ptr, n * h, h, s,
+         *o_strides, *lse_strides, *out_strides, *out_lse_strides),
     )
 
 

@@ -14,7 +14,8 @@
 //   Each warp: S = Q K^T and O += P V with mma.sync m16n8k16 (fp32 accumulation), online softmax
 //   in base 2 over sub-tiles of kWarpN keys.
 // Shared memory (16-bit elements): Q [64][D] + STAGES x (K [BLOCK_N][D] + V [BLOCK_N][D]), rows
-//   XOR-swizzled in 16-byte chunks; K/V tiles arrive by cp.async, double-buffered when STAGES = 2.
+//   XOR-swizzled in 16-byte chunks; K/V tiles arrive by cp.async, STAGES - 1 tiles in flight
+//   while one is computed (the host picks 3 stages where two CTAs still fit on an SM).
 //   bytes = 2 * (64 * D + STAGES * 2 * BLOCK_N * D)   (the host computes the same formula).
 //
 // Inputs (strides in elements, head_dim contiguous, rows 16-byte aligned):
@@ -35,17 +36,19 @@
 
 namespace ft {
 
-template <typename T, int D, int BLOCK_N, int STAGES>
+template <typename T, int D, int BLOCK_N, int STAGES, int WARP_N>
 struct DecodeConfig {
   static constexpr int kThreads = 128;
   static constexpr int kBlockM = 64;                        // query rows per CTA (16 per warp)
-  static constexpr int kWarpN = BLOCK_N < 32 ? BLOCK_N : 32;  // keys per softmax step (registers)
+  // Keys per softmax step (WARP_N, capped by the tile): 64 halves the rescales of O and gives 8
+  // independent S accumulators per warp, 32 leaves registers for Q fragments.
+  static constexpr int kWarpN = BLOCK_N < WARP_N ? BLOCK_N : WARP_N;
   static constexpr int kChunks = D / 8;                     // 16-byte chunks per row
-  static constexpr bool kQInRegs = D <= 128;                // D = 256 re-reads Q from smem
+  static constexpr bool kQInRegs = D <= 128 && D * kWarpN <= 128 * 32;  // else Q is re-read from smem
   static constexpr int kQElems = kBlockM * D;
   static constexpr int kTileElems = BLOCK_N * D;
   static_assert(BLOCK_N % 16 == 0 && BLOCK_N % kWarpN == 0, "BLOCK_N must be a multiple of 16");
-  static_assert(STAGES == 1 || STAGES == 2, "one or two stages");
+  static_assert(STAGES >= 1 && STAGES <= 4, "one to four stages");
 };
 
 // Where one key's row of K or V lives.
@@ -55,17 +58,14 @@ struct KvAddress {
   i64 bt_sb;
   int log2_page;
 
-  template <bool PAGED, typename T>
-  __device__ __forceinline__ const T* row(const T* base, int b, int hk, int key) const {
-    if (PAGED) {
-      const int page = block_table[b * bt_sb + (key >> log2_page)];
-      return base + page * sb + hk * sh + (key & ((1 << log2_page) - 1)) * st;
-    }
-    return base + b * sb + hk * sh + key * st;
+  // Row `row` of slot `slot` (padded: slot = sequence b; paged: slot = page from the block table).
+  template <typename T>
+  __device__ __forceinline__ const T* row_ptr(const T* base, int slot, int hk, int row) const {
+    return base + slot * sb + hk * sh + row * st;
   }
 };
 
-template <typename T, int D, int BLOCK_N, int STAGES, bool PAGED>
+template <typename T, int D, int BLOCK_N, int STAGES, int WARP_N, bool PAGED>
 __global__ void __launch_bounds__(128, 2)  // 2 CTAs per SM: up to 255 registers, no spills
 tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
                    const T* __restrict__ k_cache, i64 kc_sb, i64 kc_sh, i64 kc_st,
@@ -78,7 +78,7 @@ tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
                    float* __restrict__ mid_o, float* __restrict__ mid_lse,
                    int num_heads, int group, int num_tokens, int num_splits, int split_len,
                    float scale_log2) {
-  using Cfg = DecodeConfig<T, D, BLOCK_N, STAGES>;
+  using Cfg = DecodeConfig<T, D, BLOCK_N, STAGES, WARP_N>;
   using Tile = SwizzledTile<D>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* smem_q = reinterpret_cast<T*>(smem_raw);                  // [64][D]
@@ -128,23 +128,46 @@ tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
   auto load_kv = [&](int stage, int tile_start) {
     T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
     T* sv = sk + Cfg::kTileElems;
-    for (int i = tid; i < BLOCK_N * Cfg::kChunks; i += Cfg::kThreads) {
-      const int r = i / Cfg::kChunks, c = i % Cfg::kChunks, key = tile_start + r;
-      const bool ok = key < key_end;
-      const int kk = ok ? key : key_begin;
-      const T* ks = paged ? k_addr.row<true>(k_base, b, hk, kk) : k_addr.row<false>(k_base, b, hk, kk);
-      const T* vs = paged ? v_addr.row<true>(v_base, b, hk, kk) : v_addr.row<false>(v_base, b, hk, kk);
-      cp_async_16(smem_addr(sk + Tile::offset(r, c)), ks + c * 8, ok ? 16 : 0);
-      cp_async_16(smem_addr(sv + Tile::offset(r, c)), vs + c * 8, ok ? 16 : 0);
+    // Each thread copies one 16-byte column c of rows r0, r0 + kRowStep, ...; one page lookup per
+    // row serves K and V.
+    // Paged: a thread's rows step by kRowStep, so consecutive rows often share a page; the block
+    // table is read again only when the page changes (once per tile when pages >= the tile).
+    constexpr int kRowStep = Cfg::kThreads / Cfg::kChunks;
+    const int c = tid % Cfg::kChunks;
+    int page_of_slot = -1, slot = b;
+#pragma unroll 2
+    for (int r = tid / Cfg::kChunks; r < BLOCK_N; r += kRowStep) {
+      const int key = tile_start + r;
+      const int kc = min(key, key_end - 1);
+      int row = kc;
+      if (paged) {
+        const int page = kc >> k_addr.log2_page;
+        if (page != page_of_slot) {
+          slot = k_addr.block_table[b * k_addr.bt_sb + page];
+          page_of_slot = page;
+        }
+        row = kc & ((1 << k_addr.log2_page) - 1);
+      }
+      const int bytes = key < key_end ? 16 : 0;
+      cp_async_16(smem_addr(sk + Tile::offset(r, c)), k_addr.row_ptr(k_base, slot, hk, row) + c * 8, bytes);
+      cp_async_16(smem_addr(sv + Tile::offset(r, c)), v_addr.row_ptr(v_base, slot, hk, row) + c * 8, bytes);
     }
   };
 
+  // Prologue: Q with tile 0 in the first commit group, then tiles 1 .. STAGES - 2; one group per
+  // tile (possibly empty) keeps the group count fixed, so wait<STAGES - 2> always means "tile
+  // `it` has landed".
   const int num_tiles = (key_end - key_begin + BLOCK_N - 1) / BLOCK_N;
   load_q();
-  cp_async_commit();
   load_kv(0, key_begin);
   cp_async_commit();
-  cp_async_wait<1>();  // Q has landed (tile 0 may still be in flight)
+#pragma unroll
+  for (int i = 1; i < STAGES - 1; ++i) {
+    if (i < num_tiles) load_kv(i, key_begin + i * BLOCK_N);
+    cp_async_commit();
+  }
+  if (STAGES == 1) cp_async_wait<0>();
+  else cp_async_wait<(STAGES > 1 ? STAGES - 2 : 0)>();
   __syncthreads();
 
   // Step 3: per-warp state. This warp owns rows m0 + 16 * warp + {g, g + 8}.
@@ -172,19 +195,22 @@ tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
   for (int it = 0; it < num_tiles; ++it) {
     const int tile_start = key_begin + it * BLOCK_N;
     int stage = 0;
-    if (STAGES == 2) {
-      stage = it & 1;
-      if (it + 1 < num_tiles) load_kv(stage ^ 1, tile_start + BLOCK_N);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
+    if (STAGES == 1) {
       if (it > 0) {
+        __syncthreads();  // every warp is done with the previous tile
         load_kv(0, tile_start);
         cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
       }
-      cp_async_wait<0>();
+    } else {
+      // Tile `it` has landed (prologue or the previous iteration's wait) and every warp has left
+      // tile it - 1, whose stage now receives tile it + STAGES - 1.
+      stage = it % STAGES;
+      const int ahead = it + STAGES - 1;
+      if (ahead < num_tiles) load_kv(ahead % STAGES, key_begin + ahead * BLOCK_N);
+      cp_async_commit();
     }
-    __syncthreads();
     const T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
     const T* sv = sk + Cfg::kTileElems;
     const bool needs_mask = is_tree || tile_start + BLOCK_N > key_end;
@@ -275,7 +301,10 @@ tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
         }
       }
     }
-    __syncthreads();  // the next iteration's copy overwrites this stage
+    if (STAGES > 1) {
+      cp_async_wait<(STAGES > 1 ? STAGES - 2 : 0)>();  // tile it + 1 has landed (this thread's part)
+      __syncthreads();  // ... everyone's part, and every warp is done with tile it
+    }
   }
 
   // Step 5: normalise and store this split's state for the owned rows.

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from .cache import cache_dir, entries, load_or_compile
 from .nvrtc import CompileError, CompiledKernel, Resources, nvrtc_version
-from .runtime import check_toolchain, compiled, device_arch, get_kernel
+from .runtime import check_toolchain, compiled, device_arch, get_kernel, param_layout
 from .spec import KernelSpec, ctype, short
 
 _shipped: dict[str, Callable[[], Iterable[KernelSpec]]] = {}
@@ -43,6 +43,7 @@ __all__ = [
     "get_kernel",
     "load_or_compile",
     "nvrtc_version",
+    "param_layout",
     "register_shipped",
     "short",
     "shipped_specs",

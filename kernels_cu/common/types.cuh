@@ -65,9 +65,37 @@ __device__ __forceinline__ void vec_to_float(const Vec16& v, float (&f)[VecWidth
 #pragma unroll
   for (int i = 0; i < VecWidth<T>::value; ++i) f[i] = to_float(e[i]);
 }
-// N values of T stored together with one aligned access (8 or 16 bytes).
+// bf16 widens by shifts on whole 32-bit words (two values each): no per-element extraction.
+template <>
+__device__ __forceinline__ void vec_to_float<bf16>(const Vec16& v, float (&f)[8]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(v.w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(v.w[i] & 0xffff0000u);
+  }
+}
+// Store N floats as N values of T with one vector instruction (8 or 16 bytes). Building the
+// 32-bit words first matters: a struct of 16-bit members is stored element by element.
+template <typename T> struct Words { static constexpr int per = 4 / sizeof(T); };
+template <typename T> __device__ __forceinline__ u32 word_of(const float* f);
+template <> __device__ __forceinline__ u32 word_of<float>(const float* f) { return __float_as_uint(f[0]); }
+template <> __device__ __forceinline__ u32 word_of<f16>(const float* f) { return pack2<f16>(f[0], f[1]); }
+template <> __device__ __forceinline__ u32 word_of<bf16>(const float* f) { return pack2<bf16>(f[0], f[1]); }
+
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Packed { T e[N]; };
+__device__ __forceinline__ void store_vec(T* p, const float (&f)[N]) {
+  constexpr int kWords = N / Words<T>::per;
+  static_assert(kWords == 2 || kWords == 4, "store_vec writes 8 or 16 bytes");
+  u32 w[kWords];
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) w[i] = word_of<T>(f + i * Words<T>::per);
+  if constexpr (kWords == 4) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};"
+                 :: "l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]) : "memory");
+  } else {
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" :: "l"(p), "r"(w[0]), "r"(w[1]) : "memory");
+  }
+}
 
 // Streaming load: the data is read once, keep it out of L1.
 __device__ __forceinline__ Vec16 load_vec_stream(const void* p) {
