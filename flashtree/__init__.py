@@ -7,13 +7,18 @@ __version__ = "0.1.0"
 
 from . import reference  # noqa: E402
 from .decode import flash_decoding_attention, flash_decoding_attention_paged  # noqa: E402
+from .deft import deft_attention, deft_plan  # noqa: E402
+from .dfs import tree_attention  # noqa: E402
 from .merge import merge_state, merge_states  # noqa: E402
 
 __all__ = [
     "__version__",
+    "deft_attention",
+    "deft_plan",
     "flash_decoding_attention",
     "flash_decoding_attention_paged",
     "merge_state",
     "merge_states",
     "reference",
+    "tree_attention",
 ]

@@ -87,3 +87,70 @@ def gather_pages(pages: torch.Tensor, block_tables: torch.Tensor, kv_seq_len) ->
     idx = torch.where(used, block_tables.long(), torch.zeros_like(block_tables, dtype=torch.long))
     out = pages[idx.flatten()].view(bsz, max_pages, *pages.shape[1:])  # [B, pages, Hkv, P, D]
     return out.permute(0, 2, 1, 3, 4).reshape(bsz, pages.shape[1], max_pages * page, pages.shape[3])
+
+
+def tree_attention(q, k, v, cu_seqlens, start_q, end_k, softmax_scale, *, query_chunk=1024):
+    """Packed tree attention with DFS-order arrays (the rule of ``flashtree.tree_attention``).
+
+    q [N, H, D]; k, v [N, Hkv, D] (H a multiple of Hkv: query head h reads KV head h // (H / Hkv));
+    cu_seqlens int [num_seqs + 1]; start_q, end_k int [N]. Query i may attend key j iff both lie in
+    the same packed sequence, j <= i and start_q[i] <= end_k[j].
+
+    Returns (o [N, H, D] in q's dtype, lse [N, H] natural log: float64 for float64 q, else float32).
+    Differentiable by autograd in q, k and v. Memory: one [H, query_chunk, L] block at a time per
+    sequence of length L (never an N x N mask). A query that sees no key gets o = 0, lse = -inf.
+    """
+    n, h, d = q.shape
+    g = h // k.shape[1]
+    cu = [int(x) for x in torch.as_tensor(cu_seqlens).tolist()]
+    sq = torch.as_tensor(start_q).to(q.device, torch.int64)
+    ek = torch.as_tensor(end_k).to(q.device, torch.int64)
+    outs, lses = [], []
+    for first, last in zip(cu[:-1], cu[1:]):
+        ks = k[first:last].transpose(0, 1).repeat_interleave(g, dim=0)  # [H, L, D]
+        vs = v[first:last].transpose(0, 1).repeat_interleave(g, dim=0)
+        key = torch.arange(first, last, device=q.device)
+        for c0 in range(first, last, query_chunk):
+            c1 = min(c0 + query_chunk, last)
+            row = torch.arange(c0, c1, device=q.device)
+            allowed = (key[None, :] <= row[:, None]) & (sq[c0:c1, None] <= ek[None, first:last])
+            o, lse = attention_state(q[c0:c1].transpose(0, 1), ks, vs, allowed, softmax_scale)
+            outs.append(o.transpose(0, 1))   # [chunk, H, D]
+            lses.append(lse.transpose(0, 1))  # [chunk, H]
+    if not outs:
+        return q.new_zeros(q.shape), torch.zeros(n, h, dtype=torch.float32, device=q.device)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.cat(outs).to(q.dtype), torch.cat(lses).to(lse_dtype)
+
+
+def deft_attention(q, k_pool, v_pool, leaf_slots, leaf_num_queries, tail_masks, sm_scale):
+    """Tree decoding, one root-to-leaf path at a time (the rule of ``flashtree.deft_attention``).
+
+    q [Q, H, D], rows grouped by leaf in order, leaf i owning leaf_num_queries[i] rows;
+    k_pool, v_pool [num_pages, Hkv, P, D]; leaf_slots[i]: int slots (page * P + row) of leaf i's path,
+    root first, its last n_i tokens being its query tokens; tail_masks[i]: bool [n_i, n_i] among
+    them (True = may attend) or None (all visible; n_i <= 1). Query row r of leaf i attends every
+    path token before the tail and tail token j iff tail_masks[i][r, j].
+
+    Returns (o [Q, H, D] in q's dtype, lse [Q, H] float32), computed in float64.
+    """
+    nq, h, d = q.shape
+    page = k_pool.shape[2]
+    g = h // k_pool.shape[1]
+    o_out = torch.zeros(nq, h, d, dtype=torch.float64, device=q.device)
+    lse_out = torch.full((nq, h), float("-inf"), dtype=torch.float64, device=q.device)
+    row = 0
+    for slots, n, tail in zip(leaf_slots, leaf_num_queries, tail_masks):
+        if n == 0:
+            continue
+        s = torch.as_tensor(slots, dtype=torch.int64, device=k_pool.device)
+        k = k_pool[s // page, :, s % page].transpose(0, 1).repeat_interleave(g, dim=0)  # [H, L, D]
+        v = v_pool[s // page, :, s % page].transpose(0, 1).repeat_interleave(g, dim=0)
+        allowed = torch.ones(n, len(s), dtype=torch.bool, device=q.device)
+        if tail is not None:
+            allowed[:, len(s) - n:] = torch.as_tensor(tail, dtype=torch.bool, device=q.device)
+        o, lse = attention_state(q[row: row + n].transpose(0, 1), k.to(q.device), v.to(q.device), allowed, sm_scale)
+        o_out[row: row + n] = o.transpose(0, 1)
+        lse_out[row: row + n] = lse.transpose(0, 1)
+        row += n
+    return o_out.to(q.dtype), lse_out.float()

@@ -10,8 +10,11 @@ import importlib
 from ..suite import Suite
 
 SUITES: dict[str, str] = {
+    "dfs": "flashtree.bench.suites.dfs",
     "merge": "flashtree.bench.suites.merge",
+    "shared-prefix": "flashtree.bench.suites.shared_prefix",
     "verify": "flashtree.bench.suites.verify",
+    "speculative": "flashtree.bench.suites.speculative",
 }
 
 

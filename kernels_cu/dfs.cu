@@ -1,0 +1,591 @@
+// flashtree kernel family `dfs`: packed tree attention with DFS-order masks, forward and backward.
+//
+// Rule: in a pack of N tokens cut into sequences by cu_seqlens, query i may attend key j iff both lie
+//   in the same sequence, j <= i and start_q[i] <= end_k[j]  (flashtree/tree.py, section B).
+//
+// Tiles and slots. Each sequence s is cut into kTile = 64-token tiles from its first token; tile t of
+//   sequence s has the slot cu[s] / 64 + s + t (distinct, < N / 64 + num_seqs). The same tiles are
+//   query (Q) tiles and key (K) tiles. dfs_tiles_kernel writes one row of int32 tiles[slot][8]:
+//     {row0, row_end, first_slot, seq_end, min start_q, max start_q, min end_k, max end_k}
+//   (an unused slot has row0 = row_end = 0). K tile jk is invisible to Q tile j when jk > j or
+//   max end_k(jk) < min start_q(j) (skipped, nothing loaded); it is fully visible when jk < j and
+//   min end_k(jk) >= max start_q(j) (no per-element predicate).
+//
+// Kernels (128 threads = 4 warps, each warp 16 rows of a 64-row tile; mma.sync m16n8k16 with fp32
+// accumulation; K/V/Q/dO tiles in shared memory [64][D], 16-byte chunks XOR-swizzled by row):
+//   dfs_tiles_kernel     grid ceil(slots / 4), one warp per slot.
+//   dfs_fwd_kernel       grid H * slots: head = x % H, slot = slots - 1 - x / H (the heads of one tile
+//                        run together and share K/V in L2; long rows first).
+//                        smem = 2 * (64 D + 2 stages * 2 * 64 D) bytes; K/V by cp.async, double-buffered.
+//   dfs_bwd_delta_kernel delta[i, h] = sum_d dO[i, h, d] O[i, h, d] - dlse[i, h]; grid over N * H rows.
+//   dfs_bwd_dkdv_kernel  grid Hkv * slots (slot = x / Hkv, ascending): one K tile and KV head; loops
+//                        over the Q tiles that see it and the G query heads of the group (a fixed
+//                        order: deterministic, no atomics).
+//                        smem = 2 * 4 * 64 D + 3 * 4 * 64 bytes (K, V, Q, dO; lse, delta, start_q).
+//   dfs_bwd_dq_kernel    grid H * slots (as the forward): one Q tile and query head; loops over the
+//                        visible K tiles.
+//                        smem = 2 * (2 * 64 D + 2 stages * 2 * 64 D) bytes.
+//
+// Tensors (strides in elements; head_dim contiguous; rows 16-byte aligned):
+//   q, o, dO, dq   T [N, H, D]     strides (sn, sh)
+//   k, v, dk, dv   T [N, Hkv, D]   strides (sn, sh); query head h reads KV head h / G, G = H / Hkv
+//   lse, delta     fp32 [N, H] contiguous; lse is the natural log
+//   start_q, end_k int32 [N]; cu_seqlens int32 [num_seqs + 1]
+// Numerics: scores scaled by scale_log2 = softmax_scale * log2(e), exp2 softmax, fp32 accumulation;
+//   P and dS are rounded to T for their tensor-core products (as FlashAttention 2 does). Keys and
+//   rows outside a tile are zero-filled in shared memory and masked, so nothing past N is read.
+// Preconditions: every token sees itself (start_q[i] <= end_k[i]); a row that sees nothing gets
+//   o = 0, lse = -inf and zero gradients. Bad cu_seqlens give wrong values, never a bad access.
+#include "common/types.cuh"
+#include "common/state.cuh"
+#include "common/mma.cuh"
+#include "common/warp_gemm.cuh"
+
+namespace ft {
+
+constexpr int kTile = 64;          // rows of a Q tile = keys of a K tile
+constexpr int kMeta = 8;           // ints per slot in the tile table
+constexpr int kIntMax = 0x7fffffff;
+constexpr int kIntMin = -kIntMax - 1;
+
+__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+
+// ------------------------------------------------------------------------------ tile table
+
+template <int TILE>
+__global__ void __launch_bounds__(128)
+dfs_tiles_kernel(const int* __restrict__ cu_seqlens, int num_seqs, const int* __restrict__ start_q,
+                 const int* __restrict__ end_k, int n, int* __restrict__ tiles, int num_slots) {
+  const int lane = threadIdx.x % 32;
+  const int slot = blockIdx.x * 4 + threadIdx.x / 32;
+  if (slot >= num_slots) return;
+  auto cu = [&](int s) { return min(max(cu_seqlens[s], 0), n); };  // clamped: never out of bounds
+
+  // Step 1: the sequence, the last s with first_slot(s) = cu[s] / TILE + s <= slot (binary search).
+  int lo = 0, hi = num_seqs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (cu(mid) / TILE + mid <= slot) lo = mid; else hi = mid - 1;
+  }
+  const int seq_first = cu(lo), seq_end = max(cu(lo + 1), seq_first);
+  const int first_slot = seq_first / TILE + lo;
+  const int t = slot - first_slot;
+  const int row0 = t >= 0 ? seq_first + t * TILE : seq_end;
+  const int row_end = min(row0 + TILE, seq_end);
+  int* out = tiles + static_cast<i64>(slot) * kMeta;
+  if (row0 >= row_end) {  // past its sequence's end: an unused slot
+    if (lane < kMeta) out[lane] = lane == 2 ? slot : (lane == 4 || lane == 6) ? kIntMax : (lane >= 4 ? kIntMin : 0);
+    return;
+  }
+
+  // Step 2: min/max of start_q and end_k over the tile's rows (warp reduction).
+  int mn_s = kIntMax, mx_s = kIntMin, mn_e = kIntMax, mx_e = kIntMin;
+  for (int i = row0 + lane; i < row_end; i += 32) {
+    const int s = start_q[i], e = end_k[i];
+    mn_s = min(mn_s, s); mx_s = max(mx_s, s);
+    mn_e = min(mn_e, e); mx_e = max(mx_e, e);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    mn_s = min(mn_s, __shfl_xor_sync(0xffffffffu, mn_s, off));
+    mx_s = max(mx_s, __shfl_xor_sync(0xffffffffu, mx_s, off));
+    mn_e = min(mn_e, __shfl_xor_sync(0xffffffffu, mn_e, off));
+    mx_e = max(mx_e, __shfl_xor_sync(0xffffffffu, mx_e, off));
+  }
+  if (lane == 0) {
+    out[0] = row0; out[1] = row_end; out[2] = first_slot; out[3] = seq_end;
+    out[4] = mn_s; out[5] = mx_s; out[6] = mn_e; out[7] = mx_e;
+  }
+}
+
+// ---------------------------------------------------------------------------- shared pieces
+
+template <int D>
+struct DfsConfig {
+  static constexpr int kThreads = 128;
+  static constexpr int kWarpN = 32;          // keys (queries in dK/dV) per register step
+  static constexpr int kChunks = D / 8;      // 16-byte chunks per row
+  static constexpr int kTileElems = kTile * D;
+  static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+};
+
+// cp.async rows [row0, row_end) of a [N, heads, D] tensor (head `head`) into a [64][D] tile;
+// rows past row_end are zero-filled (nothing read).
+template <int D, typename T>
+__device__ __forceinline__ void load_tile(T* tile, const T* src, i64 sn, i64 sh, int head, int row0, int row_end,
+                                          int tid) {
+  using Cfg = DfsConfig<D>;
+  for (int i = tid; i < kTile * Cfg::kChunks; i += Cfg::kThreads) {
+    const int r = i / Cfg::kChunks, c = i % Cfg::kChunks, row = row0 + r;
+    const bool ok = row < row_end;
+    const T* p = src + static_cast<i64>(ok ? row : row0) * sn + head * sh + c * 8;
+    cp_async_16(smem_addr(tile + SwizzledTile<D>::offset(r, c)), p, ok ? 16 : 0);
+  }
+}
+
+// The previous K tile that Q tile (min start_q = q_min_s) can see, or first_slot - 1.
+__device__ __forceinline__ int prev_visible(const int* __restrict__ tiles, int jk, int first_slot, int q_min_s) {
+  for (--jk; jk >= first_slot; --jk)
+    if (tiles[static_cast<i64>(jk) * kMeta + 7] >= q_min_s) break;
+  return jk;
+}
+
+// Store a 16 x D fp32 accumulator row (rows g / g + 8 of the warp) scaled by `mul`, as T.
+template <int D, typename T>
+__device__ __forceinline__ void store_row(T* dst, const float (&acc)[D / 8][4], int r, float mul, int c4) {
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+    *reinterpret_cast<u32*>(dst + 8 * i + 2 * c4) = pack2<T>(acc[i][2 * r] * mul, acc[i][2 * r + 1] * mul);
+}
+
+// ---------------------------------------------------------------------------------- forward
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128, 2)
+dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict__ k, i64 k_sn, i64 k_sh,
+               const T* __restrict__ v, i64 v_sn, i64 v_sh, const int* __restrict__ start_q,
+               const int* __restrict__ end_k, const int* __restrict__ tiles, int num_slots,
+               T* __restrict__ o, i64 o_sn, i64 o_sh, float* __restrict__ lse, int* __restrict__ visited,
+               int num_heads, int group, float scale_log2) {
+  using Cfg = DfsConfig<D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem_q = reinterpret_cast<T*>(smem_raw);      // [64][D]
+  T* smem_kv = smem_q + Cfg::kTileElems;           // [2 stages][K, V][64][D]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c4 = lane % 4;
+  const int h = blockIdx.x % num_heads, hk = h / group;
+  const int j = num_slots - 1 - static_cast<int>(blockIdx.x / num_heads);
+
+  // Step 1: this Q tile: rows [row0, row_end), K tiles first_slot..j.
+  const int* meta = tiles + static_cast<i64>(j) * kMeta;
+  const int row0 = meta[0], row_end = meta[1], first_slot = meta[2];
+  const int q_min_s = meta[4], q_max_s = meta[5];
+  if (row0 >= row_end) return;
+
+  auto load_kv = [&](int stage, int jk) {
+    const int key0 = row0 - kTile * (j - jk);
+    const int key_end = jk == j ? row_end : key0 + kTile;
+    T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
+    load_tile<D>(sk, k, k_sn, k_sh, hk, key0, key_end, tid);
+    load_tile<D>(sk + Cfg::kTileElems, v, v_sn, v_sh, hk, key0, key_end, tid);
+  };
+
+  // Step 2: Q and the diagonal K/V tile in flight; Q fragments into registers.
+  load_tile<D>(smem_q, q, q_sn, q_sh, h, row0, row_end, tid);
+  cp_async_commit();
+  load_kv(0, j);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+
+  const int warp_row0 = warp * 16;
+  const bool warp_active = row0 + warp_row0 < row_end;
+  u32 q_frag[D / 16][4];
+  if (warp_active) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D>(q_frag[kk], smem_q, warp_row0, kk, lane);
+  }
+  // The two rows this lane owns (clamped to the tile: rows past row_end are computed, never stored).
+  int row_c[2], sq_row[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_c[r] = min(row0 + warp_row0 + g + 8 * r, row_end - 1);
+    sq_row[r] = start_q[row_c[r]];
+  }
+  float o_acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
+  float row_max[2] = {neg_inf(), neg_inf()};  // base-2 running max
+  float row_sum[2] = {0.f, 0.f};              // this lane's partial sums
+
+  // Step 3: the visible K tiles, from the diagonal backwards; the next one loads during this one.
+  int jk = j, stage = 0, count = 0;
+  while (jk >= first_slot) {
+    const int jn = prev_visible(tiles, jk, first_slot, q_min_s);
+    if (jn >= first_slot) load_kv(stage ^ 1, jn);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    ++count;
+    const int key0 = row0 - kTile * (j - jk);
+    const bool full = jk < j && tiles[static_cast<i64>(jk) * kMeta + 6] >= q_max_s;
+    const T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
+    const T* sv = sk + Cfg::kTileElems;
+
+    if (warp_active) {
+#pragma unroll 1
+      for (int kb = 0; kb < kTile; kb += Cfg::kWarpN) {
+        // Step 3a: S = Q K^T for kWarpN keys.
+        float s[Cfg::kWarpN / 8][4];
+#pragma unroll
+        for (int jj = 0; jj < Cfg::kWarpN / 8; ++jj) s[jj][0] = s[jj][1] = s[jj][2] = s[jj][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) mma_abt<D, Cfg::kWarpN>(s, q_frag[kk], sk, kb, kk, lane);
+
+        // Step 3b: base-2 scale; the tree predicate unless the tile is fully visible.
+#pragma unroll
+        for (int jj = 0; jj < Cfg::kWarpN / 8; ++jj) {
+#pragma unroll
+          for (int e2 = 0; e2 < 2; ++e2) {
+            const int key = key0 + kb + 8 * jj + 2 * c4 + e2;
+            const int ek = full ? 0 : end_k[min(key, row_end - 1)];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const bool ok = full || (key <= row_c[r] && sq_row[r] <= ek);
+              s[jj][2 * r + e2] = ok ? s[jj][2 * r + e2] * scale_log2 : neg_inf();
+            }
+          }
+        }
+
+        // Step 3c: online softmax, rescaling what O holds so far.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float mx = row_max[r];
+#pragma unroll
+          for (int jj = 0; jj < Cfg::kWarpN / 8; ++jj) mx = fmaxf(mx, fmaxf(s[jj][2 * r], s[jj][2 * r + 1]));
+          mx = quad_max(mx);
+          const float base = mx == neg_inf() ? 0.f : mx;  // nothing visible yet: keep exp2 finite
+          const float rescale = fast_exp2(row_max[r] - base);
+          row_max[r] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int jj = 0; jj < Cfg::kWarpN / 8; ++jj) {
+            s[jj][2 * r] = fast_exp2(s[jj][2 * r] - base);
+            s[jj][2 * r + 1] = fast_exp2(s[jj][2 * r + 1] - base);
+            sum += s[jj][2 * r] + s[jj][2 * r + 1];
+          }
+          row_sum[r] = row_sum[r] * rescale + sum;
+#pragma unroll
+          for (int i = 0; i < D / 8; ++i) {
+            o_acc[i][2 * r] *= rescale;
+            o_acc[i][2 * r + 1] *= rescale;
+          }
+        }
+
+        // Step 3d: O += P V.
+#pragma unroll
+        for (int kk = 0; kk < Cfg::kWarpN / 16; ++kk) {
+          u32 a[4];
+          acc_to_a<T>(a, s, kk);
+          mma_ab<D>(o_acc, a, sv, kb + 16 * kk, lane);
+        }
+      }
+    }
+    __syncthreads();  // the next iteration's copy overwrites this stage
+    jk = jn;
+    stage ^= 1;
+  }
+  if (visited != nullptr && tid == 0) visited[static_cast<i64>(j) * num_heads + h] = count;
+
+  // Step 4: normalise; store o and the natural-log lse of the owned rows.
+  if (!warp_active) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float total = quad_sum(row_sum[r]);
+    const int row = row0 + warp_row0 + g + 8 * r;
+    if (row >= row_end) continue;
+    store_row<D>(o + static_cast<i64>(row) * o_sn + h * o_sh, o_acc, r, total > 0.f ? 1.f / total : 0.f, c4);
+    if (c4 == 0) lse[static_cast<i64>(row) * num_heads + h] = lse_from_base2(row_max[r], total);
+  }
+}
+
+// ------------------------------------------------------------------------- backward: delta
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128)
+dfs_bwd_delta_kernel(const T* __restrict__ o, i64 o_sn, i64 o_sh, const T* __restrict__ dout, i64 do_sn,
+                     i64 do_sh, const float* __restrict__ dlse, i64 dl_sn, i64 dl_sh,
+                     float* __restrict__ delta, int n, int num_heads) {
+  constexpr int kLanes = D / 8;                 // threads per row, 16 bytes each
+  constexpr int kRows = 128 / kLanes;
+  const int tid = threadIdx.x, c = tid % kLanes;
+  const i64 row = static_cast<i64>(blockIdx.x) * kRows + tid / kLanes;  // = token * H + head
+  const bool ok = row < static_cast<i64>(n) * num_heads;
+  const int token = ok ? static_cast<int>(row / num_heads) : 0, h = ok ? static_cast<int>(row % num_heads) : 0;
+  float sum = 0.f;
+  if (ok) {
+    float a[8], b[8];
+    vec_to_float<T>(*reinterpret_cast<const Vec16*>(o + token * o_sn + h * o_sh + 8 * c), a);
+    vec_to_float<T>(*reinterpret_cast<const Vec16*>(dout + token * do_sn + h * do_sh + 8 * c), b);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum += a[i] * b[i];
+  }
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (ok && c == 0) delta[row] = sum - (dlse != nullptr ? dlse[token * dl_sn + h * dl_sh] : 0.f);
+}
+
+// ------------------------------------------------------------------------- backward: dK, dV
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128, 2)
+dfs_bwd_dkdv_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict__ k, i64 k_sn, i64 k_sh,
+                    const T* __restrict__ v, i64 v_sn, i64 v_sh, const T* __restrict__ dout, i64 do_sn, i64 do_sh,
+                    const float* __restrict__ lse, const float* __restrict__ delta,
+                    const int* __restrict__ start_q, const int* __restrict__ end_k,
+                    const int* __restrict__ tiles, int num_slots,
+                    T* __restrict__ dk, i64 dk_sn, i64 dk_sh, T* __restrict__ dv, i64 dv_sn, i64 dv_sh,
+                    int num_heads, int group, float scale_log2, float scale) {
+  using Cfg = DfsConfig<D>;
+  constexpr int kSubQ = D <= 64 ? 32 : 16;  // queries per register step (D = 128: 255 registers)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem_k = reinterpret_cast<T*>(smem_raw);            // [64][D]
+  T* smem_v = smem_k + Cfg::kTileElems;                  // [64][D]
+  T* smem_q = smem_v + Cfg::kTileElems;                  // [64][D]
+  T* smem_do = smem_q + Cfg::kTileElems;                 // [64][D]
+  float* smem_lse2 = reinterpret_cast<float*>(smem_do + Cfg::kTileElems);  // [64] lse * log2(e); +inf = no row
+  float* smem_delta = smem_lse2 + kTile;                 // [64]
+  int* smem_sq = reinterpret_cast<int*>(smem_delta + kTile);  // [64] start_q; kIntMax = no row
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c4 = lane % 4;
+  const int num_kv_heads = num_heads / group;
+  const int hk = blockIdx.x % num_kv_heads, j = static_cast<int>(blockIdx.x / num_kv_heads);
+
+  // Step 1: this K tile: keys [key0, key_end); Q tiles j..last of its sequence.
+  const int* meta = tiles + static_cast<i64>(j) * kMeta;
+  const int key0 = meta[0], key_end = meta[1], seq_end = meta[3];
+  const int k_min_e = meta[6], k_max_e = meta[7];
+  if (key0 >= key_end) return;
+  const int last = min(j + (seq_end - key0 + kTile - 1) / kTile - 1, num_slots - 1);
+
+  load_tile<D>(smem_k, k, k_sn, k_sh, hk, key0, key_end, tid);
+  load_tile<D>(smem_v, v, v_sn, v_sh, hk, key0, key_end, tid);
+  cp_async_commit();
+
+  const int warp_row0 = warp * 16;
+  const bool warp_active = key0 + warp_row0 < key_end;
+  int key_c[2], ek_key[2];  // the two keys this lane owns (clamped), and their end_k
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    key_c[r] = min(key0 + warp_row0 + g + 8 * r, key_end - 1);
+    ek_key[r] = end_k[key_c[r]];
+  }
+  float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_acc[i][e] = dv_acc[i][e] = 0.f;
+
+  // Step 2: every Q tile that can see this K tile, every query head of the group, in a fixed order.
+  for (int i = j; i <= last; ++i) {
+    const int* qmeta = tiles + static_cast<i64>(i) * kMeta;
+    if (i > j && qmeta[4] > k_max_e) continue;  // no query of tile i sees any key here
+    const bool full = i > j && k_min_e >= qmeta[5];
+    const int qrow0 = key0 + kTile * (i - j), q_end = min(qrow0 + kTile, seq_end);
+    for (int gi = 0; gi < group; ++gi) {
+      const int h = hk * group + gi;
+      __syncthreads();  // the previous step is done with Q, dO and the row values
+      load_tile<D>(smem_q, q, q_sn, q_sh, h, qrow0, q_end, tid);
+      load_tile<D>(smem_do, dout, do_sn, do_sh, h, qrow0, q_end, tid);
+      cp_async_commit();
+      if (tid < kTile) {
+        const int row = qrow0 + tid;
+        const bool ok = row < q_end;
+        const float l = ok ? lse[static_cast<i64>(row) * num_heads + h] : neg_inf();
+        smem_lse2[tid] = l == neg_inf() ? pos_inf() : l * kLog2e;  // a row that sees nothing: P = 0
+        smem_delta[tid] = ok ? delta[static_cast<i64>(row) * num_heads + h] : 0.f;
+        smem_sq[tid] = ok ? start_q[row] : kIntMax;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+      if (!warp_active) continue;
+
+#pragma unroll 1
+      for (int qb = 0; qb < kTile; qb += kSubQ) {
+        // Step 2a: S^T = K Q^T (16 keys x kWarpN queries), then P^T under the predicate.
+        float p[kSubQ / 8][4], dp[kSubQ / 8][4];
+#pragma unroll
+        for (int jj = 0; jj < kSubQ / 8; ++jj)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) p[jj][e] = dp[jj][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          u32 a[4];
+          load_a_frag<D>(a, smem_k, warp_row0, kk, lane);
+          mma_abt<D, kSubQ>(p, a, smem_q, qb, kk, lane);
+        }
+#pragma unroll
+        for (int jj = 0; jj < kSubQ / 8; ++jj) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int qi = qb + 8 * jj + 2 * c4 + (e & 1), r = e / 2;
+            const bool ok = full || (key_c[r] <= qrow0 + qi && smem_sq[qi] <= ek_key[r]);
+            p[jj][e] = ok ? fast_exp2(p[jj][e] * scale_log2 - smem_lse2[qi]) : 0.f;
+          }
+        }
+        // Step 2b: dV += P^T dO.
+#pragma unroll
+        for (int kk = 0; kk < kSubQ / 16; ++kk) {
+          u32 a[4];
+          acc_to_a<T>(a, p, kk);
+          mma_ab<D>(dv_acc, a, smem_do, qb + 16 * kk, lane);
+        }
+        // Step 2c: dP^T = V dO^T; dS^T = P^T (dP^T - delta).
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          u32 a[4];
+          load_a_frag<D>(a, smem_v, warp_row0, kk, lane);
+          mma_abt<D, kSubQ>(dp, a, smem_do, qb, kk, lane);
+        }
+#pragma unroll
+        for (int jj = 0; jj < kSubQ / 8; ++jj)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dp[jj][e] = p[jj][e] * (dp[jj][e] - smem_delta[qb + 8 * jj + 2 * c4 + (e & 1)]);
+        // Step 2d: dK += dS^T Q.
+#pragma unroll
+        for (int kk = 0; kk < kSubQ / 16; ++kk) {
+          u32 a[4];
+          acc_to_a<T>(a, dp, kk);
+          mma_ab<D>(dk_acc, a, smem_q, qb + 16 * kk, lane);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // a K tile no query sees (invalid input) still has its copy in flight
+
+  // Step 3: store dK (times softmax_scale) and dV for the owned keys.
+  if (!warp_active) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + warp_row0 + g + 8 * r;
+    if (key >= key_end) continue;
+    store_row<D>(dk + static_cast<i64>(key) * dk_sn + hk * dk_sh, dk_acc, r, scale, c4);
+    store_row<D>(dv + static_cast<i64>(key) * dv_sn + hk * dv_sh, dv_acc, r, 1.f, c4);
+  }
+}
+
+// ----------------------------------------------------------------------------- backward: dQ
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128, 2)
+dfs_bwd_dq_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict__ k, i64 k_sn, i64 k_sh,
+                  const T* __restrict__ v, i64 v_sn, i64 v_sh, const T* __restrict__ dout, i64 do_sn, i64 do_sh,
+                  const float* __restrict__ lse, const float* __restrict__ delta,
+                  const int* __restrict__ start_q, const int* __restrict__ end_k,
+                  const int* __restrict__ tiles, int num_slots, T* __restrict__ dq, i64 dq_sn, i64 dq_sh,
+                  int num_heads, int group, float scale_log2, float scale) {
+  using Cfg = DfsConfig<D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem_q = reinterpret_cast<T*>(smem_raw);      // [64][D]
+  T* smem_do = smem_q + Cfg::kTileElems;           // [64][D]
+  T* smem_kv = smem_do + Cfg::kTileElems;          // [2 stages][K, V][64][D]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c4 = lane % 4;
+  const int h = blockIdx.x % num_heads, hk = h / group;
+  const int j = num_slots - 1 - static_cast<int>(blockIdx.x / num_heads);
+
+  // Step 1: this Q tile (as in the forward kernel).
+  const int* meta = tiles + static_cast<i64>(j) * kMeta;
+  const int row0 = meta[0], row_end = meta[1], first_slot = meta[2];
+  const int q_min_s = meta[4], q_max_s = meta[5];
+  if (row0 >= row_end) return;
+
+  auto load_kv = [&](int stage, int jk) {
+    const int key0 = row0 - kTile * (j - jk);
+    const int key_end = jk == j ? row_end : key0 + kTile;
+    T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
+    load_tile<D>(sk, k, k_sn, k_sh, hk, key0, key_end, tid);
+    load_tile<D>(sk + Cfg::kTileElems, v, v_sn, v_sh, hk, key0, key_end, tid);
+  };
+
+  // Step 2: Q, dO and the diagonal K/V tile in flight; Q and dO fragments into registers.
+  load_tile<D>(smem_q, q, q_sn, q_sh, h, row0, row_end, tid);
+  load_tile<D>(smem_do, dout, do_sn, do_sh, h, row0, row_end, tid);
+  cp_async_commit();
+  load_kv(0, j);
+  cp_async_commit();
+
+  const int warp_row0 = warp * 16;
+  const bool warp_active = row0 + warp_row0 < row_end;
+  int row_c[2], sq_row[2];
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + warp_row0 + g + 8 * r;
+    row_c[r] = min(row, row_end - 1);
+    sq_row[r] = start_q[row_c[r]];
+    const float l = row < row_end ? lse[static_cast<i64>(row) * num_heads + h] : neg_inf();
+    lse2[r] = l == neg_inf() ? pos_inf() : l * kLog2e;
+    dlt[r] = row < row_end ? delta[static_cast<i64>(row) * num_heads + h] : 0.f;
+  }
+  cp_async_wait<1>();
+  __syncthreads();
+  u32 q_frag[D / 16][4], do_frag[D / 16][4];
+  if (warp_active) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      load_a_frag<D>(q_frag[kk], smem_q, warp_row0, kk, lane);
+      load_a_frag<D>(do_frag[kk], smem_do, warp_row0, kk, lane);
+    }
+  }
+  float dq_acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq_acc[i][0] = dq_acc[i][1] = dq_acc[i][2] = dq_acc[i][3] = 0.f;
+
+  // Step 3: the visible K tiles, from the diagonal backwards, double-buffered.
+  int jk = j, stage = 0;
+  while (jk >= first_slot) {
+    const int jn = prev_visible(tiles, jk, first_slot, q_min_s);
+    if (jn >= first_slot) load_kv(stage ^ 1, jn);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const int key0 = row0 - kTile * (j - jk);
+    const bool full = jk < j && tiles[static_cast<i64>(jk) * kMeta + 6] >= q_max_s;
+    const T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
+    const T* sv = sk + Cfg::kTileElems;
+
+    if (warp_active) {
+#pragma unroll 1
+      for (int kb = 0; kb < kTile; kb += Cfg::kWarpN) {
+        // Step 3a: S = Q K^T and dP = dO V^T for kWarpN keys.
+        float s[Cfg::kWarpN / 8][4], dp[Cfg::kWarpN / 8][4];
+#pragma unroll
+        for (int jj = 0; jj < Cfg::kWarpN / 8; ++jj)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[jj][e] = dp[jj][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          mma_abt<D, Cfg::kWarpN>(s, q_frag[kk], sk, kb, kk, lane);
+          mma_abt<D, Cfg::kWarpN>(dp, do_frag[kk], sv, kb, kk, lane);
+        }
+        // Step 3b: dS = P (dP - delta) under the predicate.
+#pragma unroll
+        for (int jj = 0; jj < Cfg::kWarpN / 8; ++jj) {
+#pragma unroll
+          for (int e2 = 0; e2 < 2; ++e2) {
+            const int key = key0 + kb + 8 * jj + 2 * c4 + e2;
+            const int ek = full ? 0 : end_k[min(key, row_end - 1)];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int e = 2 * r + e2;
+              const bool ok = full || (key <= row_c[r] && sq_row[r] <= ek);
+              const float pv = ok ? fast_exp2(s[jj][e] * scale_log2 - lse2[r]) : 0.f;
+              s[jj][e] = pv * (dp[jj][e] - dlt[r]);
+            }
+          }
+        }
+        // Step 3c: dQ += dS K.
+#pragma unroll
+        for (int kk = 0; kk < Cfg::kWarpN / 16; ++kk) {
+          u32 a[4];
+          acc_to_a<T>(a, s, kk);
+          mma_ab<D>(dq_acc, a, sk, kb + 16 * kk, lane);
+        }
+      }
+    }
+    __syncthreads();
+    jk = jn;
+    stage ^= 1;
+  }
+
+  // Step 4: store dQ (times softmax_scale).
+  if (!warp_active) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + warp_row0 + g + 8 * r;
+    if (row < row_end) store_row<D>(dq + static_cast<i64>(row) * dq_sn + h * dq_sh, dq_acc, r, scale, c4);
+  }
+}
+
+}  // namespace ft
