@@ -1,0 +1,24 @@
+"""One small run of each DeFT kernel (partial + merge), for compute-sanitizer memcheck and racecheck:
+`compute-sanitizer --tool memcheck python benchmarks/sanitize_deft.py` (and --tool racecheck)."""
+import torch
+
+import flashtree
+from flashtree import tree
+from flashtree.kvcache import TreeKVCache
+
+torch.manual_seed(0)
+dev = "cuda"
+for dtype, d, hkv, h, page in [(torch.bfloat16, 128, 2, 8, 16), (torch.float16, 64, 1, 4, 8)]:
+    c = TreeKVCache(1, 64, hkv, d, page_size=page, dtype=dtype, device=dev)
+    root = c.create_root(None, torch.randn(1, 150, hkv, d, device=dev, dtype=dtype), torch.randn(1, 150, hkv, d, device=dev, dtype=dtype))
+    kids = c.fork(root, 3)
+    for i, kid in enumerate(kids):  # 1, 40 and 9 tokens: one leaf gets a 5-token speculative tail
+        n = (1, 40, 9)[i]
+        c.append(kid, None, torch.randn(1, n, hkv, d, device=dev, dtype=dtype), torch.randn(1, n, hkv, d, device=dev, dtype=dtype))
+    mask = tree.ancestor_mask([-1, 0, 0, 1, 1])
+    for chunk_len in (64, None):  # many small chunks spanning nodes, then the automatic length
+        plan = flashtree.deft_plan(c, h, queries_per_leaf={kids[2]: 5}, tail_masks={kids[2]: mask}, chunk_len=chunk_len)
+        q = torch.randn(plan.num_queries, h, d, device=dev, dtype=dtype)
+        flashtree.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)
+torch.cuda.synchronize()
+print("sanitize deft run done")

@@ -1,0 +1,519 @@
+"""Shared-prefix tree decoding (DeFT): read each node's KV once for all the queries beneath it.
+
+Per decoding step: ``deft_plan(cache, num_qo_heads)`` runs once on the host and moves one int32
+buffer to the GPU; every layer then calls ``deft_attention(q, k_pool, v_pool, plan)`` with no host
+work beyond argument checks (no synchronisation, no allocation when ``out``/``workspace`` are given).
+
+The plan (the flattened tree split):
+  1. Leaves in DFS order own consecutive query rows: leaf i has n_i query tokens, the last n_i
+     tokens of its node (one per step for plain decoding, several for speculative trees, with a
+     causal or a given tree mask among them). So every node is seen by a contiguous range of
+     query rows: those of the leaves beneath it.
+  2. The tree's KV tokens, in DFS order of nodes, become one list of token records
+     (slot, q_lo, q_hi, mask_col); tokens nobody sees are left out.
+  3. The list is cut into chunks of ``chunk_len`` tokens; a chunk may span nodes. Its query rows
+     are the union [q0, q1) of its tokens' ranges, i.e. G * (q1 - q0) rows for the kernel, in
+     row tiles of 64: one work item per (chunk, row tile), times Hkv KV heads.
+  4. Stage 2: query q merges the partials of the chunks that contain it, in chunk order.
+
+Chunk length (``choose_chunk_len``): each CTA costs about (L + L0) key loads, L0 = 128 keys for
+loading Q and storing 64 fp32 partial rows; with W(L) work items and ``slots`` = SMs x 2 CTAs,
+the time is ~ceil(W(L) Hkv / slots) (L + L0) plus the partial states' traffic spread over the
+machine, 2 Hkv R(L) / slots for R(L) partial rows (one fp32 row written and read ~ 2 keys); we
+take the L (a multiple of 64 from a short list) that minimises it, the longer one on a tie. Worked example, H100 (132 SMs, 264 slots), G = 4,
+Hkv = 8, prefix 16384 + 64 branches of 128 tokens (24576 tokens): L = 768 gives 22 chunks that
+touch the prefix (64 queries, 256 rows, 4 row tiles each) and 10 branch-only chunks (6 branches,
+24 rows, 1 tile each), W = 98 items, 784 CTAs = 3 waves: 3 x 896 + 2 x 8 x 5872 / 264 = 3044;
+L = 512 needs 5 waves (3200 + 512), L = 3072 one wave of long CTAs (3200 + 105).
+
+Stale plans: a plan records the cache's ``version``; ``deft_attention`` raises if the cache has
+changed (a fork, append or prune) since planning. Writing new K/V values into planned slots does
+not change the version. A plan built without a cache (``cache=None`` is not offered) cannot go stale.
+
+CUDA graphs: capture with a fixed plan and preallocated ``out`` and ``workspace``; the plan's
+device buffer and grid are baked into the graph, so a new tree needs a new plan and a new capture.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import _checks, _interop, _jit, reference
+from .kvcache.tree_cache import TreeKVCache
+
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.float16, torch.bfloat16)
+BLOCK_M = 64   # query rows per CTA (kernels_cu/deft.cu: DeftConfig::kBlockM)
+BLOCK_N = 64   # keys per KV tile
+CTA_OVERHEAD_KEYS = 128  # L0 of the chunk-length model (module docstring)
+PARTIAL_ROW_KEYS = 2     # one fp32 partial row written and read back ~ 2 keys' K + V (bf16)
+CHUNK_MULTIPLES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # L / BLOCK_N candidates
+DEFAULT_SMS = 132  # planning for a CPU plan (an H100) when no device and no num_sms is given
+_MERGE_THREADS = 256
+
+
+def _smem_bytes(head_dim: int) -> int:
+    return 2 * BLOCK_M * head_dim + 2 * (2 * 2 * BLOCK_N * head_dim + BLOCK_N * 16)
+
+
+def spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
+    return _jit.KernelSpec(family="deft", kernel="ft::deft_partial_kernel",
+                           template_args=(_jit.ctype(dtype), head_dim),
+                           name=f"deft_partial_{_jit.short(dtype)}_d{head_dim}")
+
+
+def merge_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
+    return _jit.KernelSpec(family="deft", kernel="ft::deft_merge_kernel",
+                           template_args=(_jit.ctype(dtype), head_dim),
+                           name=f"deft_merge_{_jit.short(dtype)}_d{head_dim}")
+
+
+_jit.register_shipped("deft", lambda: [f(dt, d) for dt in DTYPES for d in HEAD_DIMS for f in (spec, merge_spec)])
+
+
+# ---------------------------------------------------------------------------------- the plan
+
+_SECTIONS = ("tokens", "chunks", "work", "slot_base", "qmask_off", "mask", "q_indptr", "slot_idx")
+
+
+@dataclass
+class DeftPlan:
+    """One decoding step's schedule, shared by every layer. Host arrays (numpy int32) are kept for
+    inspection; ``meta`` is the same data in one int32 tensor on the plan's device.
+
+    tokens [N, 4] (slot, q_lo, q_hi, mask_col); chunks [C, 4] (tok_begin, tok_end, q0, q1);
+    work [W, 2] (chunk, row tile); slot_base [C]; qmask_off [Q]; mask (flat 0/1);
+    q_indptr [Q + 1] and slot_idx [num_slots]: query q's partials, in chunk order.
+    """
+
+    num_queries: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    num_pages: int
+    chunk_len: int
+    host: dict[str, np.ndarray]
+    meta: torch.Tensor
+    offsets: dict[str, int]
+    leaves: list[int]
+    leaf_query_offsets: np.ndarray            # [num_leaves + 1]
+    leaf_path_lengths: np.ndarray             # tokens on each leaf's path
+    tail_masks: list[np.ndarray | None]       # bool [n_i, n_i] per leaf, None when n_i == 1
+    cache: TreeKVCache | None = field(default=None, repr=False)
+    version: int = -1
+
+    @property
+    def leaf_slots(self) -> list[np.ndarray]:
+        """The slots of each leaf's path (from the cache, which must be unchanged since planning)."""
+        self.check_fresh()
+        return [self.cache.path_slots(leaf) for leaf in self.leaves]
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.host["chunks"])
+
+    @property
+    def num_work(self) -> int:
+        return len(self.host["work"])
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.host["slot_idx"])
+
+    @property
+    def device(self) -> torch.device:
+        return self.meta.device
+
+    def section(self, name: str) -> torch.Tensor:
+        """A view of one section of ``meta`` (flat int32)."""
+        start = self.offsets[name]
+        return self.meta[start: start + self.host[name].size]
+
+    def check_fresh(self) -> None:
+        if self.cache is not None and self.cache.version != self.version:
+            raise ValueError(f"plan: expected a plan of the cache's current state (version "
+                             f"{self.cache.version}), got one built at version {self.version}; "
+                             "re-plan after fork, append or prune")
+
+    def io_stats(self, itemsize: int = 2) -> dict[str, int]:
+        """KV bytes (K and V, all KV heads) of one layer, ``itemsize`` bytes per element.
+
+        unique: every visible token once (the floor); deft_dram: the same (each chunk is read from
+        DRAM once, its row tiles hit L2); deft_l2: per work item (row tiles re-read the chunk);
+        per_branch: every leaf reads its whole path (flash decoding per branch);
+        partials: fp32 partial states written and read back by the two stages.
+        """
+        per_token = 2 * self.num_kv_heads * self.head_dim * itemsize
+        chunks, work = self.host["chunks"], self.host["work"]
+        chunk_tokens = (chunks[:, 1] - chunks[:, 0]).astype(np.int64)
+        return {
+            "unique": int(chunk_tokens.sum()) * per_token,
+            "deft_dram": int(chunk_tokens.sum()) * per_token,
+            "deft_l2": int(chunk_tokens[work[:, 0]].sum()) * per_token if len(work) else 0,
+            "per_branch": int(self.leaf_path_lengths[np.diff(self.leaf_query_offsets) > 0].sum()) * per_token,
+            "partials": 2 * self.num_slots * self.num_heads * (self.head_dim + 1) * 4,
+        }
+
+
+def choose_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: int,
+                     num_sms: int, ctas_per_sm: int = 2) -> int:
+    """The chunk length (tokens, a multiple of 64) minimising the wave model of the module docstring."""
+    n = len(q_lo)
+    if n == 0:
+        return BLOCK_N
+    slots = max(1, num_sms * ctas_per_sm)
+    best = None
+    for mult in CHUNK_MULTIPLES:
+        length = mult * BLOCK_N
+        starts = np.arange(0, n, length)
+        rows = (np.maximum.reduceat(q_hi, starts) - np.minimum.reduceat(q_lo, starts)) * group
+        work = int(np.sum(-(-rows // BLOCK_M)))
+        partials = PARTIAL_ROW_KEYS * num_kv_heads * int(rows.sum()) / slots  # spread over the machine
+        cost = math.ceil(work * num_kv_heads / slots) * (length + CTA_OVERHEAD_KEYS) + partials
+        if best is None or cost <= best[0]:
+            best = (cost, length)
+        if length >= n:
+            break
+    return best[1]
+
+
+def _leaf_counts(leaves, queries_per_leaf) -> list[int]:
+    if isinstance(queries_per_leaf, int):
+        counts = [queries_per_leaf] * len(leaves)
+    elif isinstance(queries_per_leaf, dict):
+        unknown = set(queries_per_leaf) - set(leaves)
+        if unknown:
+            raise ValueError(f"queries_per_leaf: expected keys among the leaves {leaves}, got {sorted(unknown)}")
+        counts = [queries_per_leaf.get(leaf, 1) for leaf in leaves]
+    else:
+        counts = [int(x) for x in queries_per_leaf]
+        if len(counts) != len(leaves):
+            raise ValueError(f"queries_per_leaf: expected {len(leaves)} counts (one per leaf), got {len(counts)}")
+    for leaf, n in zip(leaves, counts):
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"queries_per_leaf: expected ints >= 0, got {n!r} for leaf {leaf}")
+    return counts
+
+
+def _tail_mask(leaf, n, tail_masks) -> np.ndarray | None:
+    given = None if tail_masks is None else tail_masks.get(leaf)
+    if given is None:
+        return None if n <= 1 else np.tril(np.ones((n, n), dtype=bool))
+    m = np.asarray(torch.as_tensor(given).cpu().bool().numpy())
+    if m.shape != (n, n):
+        raise ValueError(f"tail_masks[{leaf}]: expected shape [{n}, {n}] (the leaf's query count), got {list(m.shape)}")
+    if not m.diagonal().all():
+        raise ValueError(f"tail_masks[{leaf}]: expected every query to see itself, got a False diagonal "
+                         f"at row {int(np.argmin(m.diagonal()))}")
+    return m
+
+
+def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail_masks=None,
+              device=None, num_sms: int | None = None, chunk_len: int | None = None) -> DeftPlan:
+    """Plan one decoding step over ``cache``'s current tree.
+
+    Args:
+        cache: the tree; its leaves, in DFS order (``cache.leaves()``), own the query rows.
+        num_qo_heads: H, a multiple of the cache's Hkv.
+        queries_per_leaf: n_i query tokens per leaf, the last n_i tokens of the leaf's node: an int
+            for all leaves, a sequence in leaf order, or a dict {leaf: n} (missing leaves: 1). 0 is
+            allowed (that leaf's own tokens are then left out). Q = sum n_i.
+        tail_masks: optional {leaf: bool [n_i, n_i]} among a leaf's query tokens (True = may attend,
+            the diagonal must be True); default causal.
+        device: where ``meta`` goes (default: the cache's device).
+        num_sms: for the chunk length; default the device's SM count (132 for a CPU plan).
+        chunk_len: force a chunk length in tokens (a multiple of 64).
+    """
+    if not isinstance(cache, TreeKVCache):
+        raise TypeError(f"cache: expected a flashtree.kvcache.TreeKVCache, got {type(cache).__name__}")
+    hkv = cache.num_kv_heads
+    if not isinstance(num_qo_heads, int) or num_qo_heads < 1 or num_qo_heads % hkv:
+        raise ValueError(f"num_qo_heads: expected a positive multiple of Hkv = {hkv}, got {num_qo_heads!r}")
+    group = num_qo_heads // hkv
+    device = torch.device(device) if device is not None else cache.k_pools[0].device
+    leaves = cache.leaves()
+    if not leaves:
+        raise ValueError("cache: expected a tree with a root, got an empty cache")
+    counts = _leaf_counts(leaves, queries_per_leaf)
+    if tail_masks is not None and not isinstance(tail_masks, dict):
+        raise TypeError(f"tail_masks: expected a dict {{leaf: bool [n, n]}} or None, got {type(tail_masks).__name__}")
+
+    # Step 1: query rows per leaf, and each node's range [lo, hi) of query rows (post-order).
+    leaf_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    q_range: dict[int, tuple[int, int]] = {}
+    order = cache.nodes()
+    leaf_index = {leaf: i for i, leaf in enumerate(leaves)}
+    for node in reversed(order):
+        kids = cache.children(node)
+        if not kids:
+            i = leaf_index[node]
+            q_range[node] = (int(leaf_off[i]), int(leaf_off[i + 1]))
+        else:
+            seen = [q_range[k] for k in kids if q_range[k][1] > q_range[k][0]]
+            q_range[node] = (min(s[0] for s in seen), max(s[1] for s in seen)) if seen else (0, 0)
+
+    # Step 2: token records in DFS order of nodes; a leaf's query tokens carry mask columns.
+    leaf_masks = [_tail_mask(leaf, n, tail_masks) for leaf, n in zip(leaves, counts)]
+    masks, mask_rows, mask_at = [], [], 0
+    qmask_off = np.zeros(int(leaf_off[-1]), dtype=np.int64)
+    parts = []
+    for node in order:
+        lo, hi = q_range[node]
+        if hi <= lo or cache.node_length(node) == 0:
+            continue
+        slots = cache.node_slots(node)
+        cols = np.full(len(slots), -1, dtype=np.int64)
+        if node in leaf_index:
+            i = leaf_index[node]
+            n = counts[i]
+            if n > len(slots):
+                raise ValueError(f"queries_per_leaf: leaf {node} holds {len(slots)} tokens of its own, "
+                                 f"fewer than its {n} query tokens")
+            m = leaf_masks[i]
+            if m is not None:
+                cols[len(slots) - n:] = np.arange(n)
+                qmask_off[lo:hi] = mask_at + n * np.arange(n)
+                masks.append(m.reshape(-1))
+                mask_at += n * n
+        parts.append(np.stack([slots, np.full(len(slots), lo), np.full(len(slots), hi), cols], 1))
+    tokens = np.concatenate(parts) if parts else np.zeros((0, 4), dtype=np.int64)
+
+    # Step 3: chunks and work items.
+    if num_sms is None:
+        num_sms = _num_sms(device)
+    if chunk_len is None:
+        chunk_len = choose_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms)
+    elif not isinstance(chunk_len, int) or chunk_len < BLOCK_N or chunk_len % BLOCK_N:
+        raise ValueError(f"chunk_len: expected a positive multiple of {BLOCK_N}, got {chunk_len!r}")
+    total = len(tokens)
+    starts = np.arange(0, total, chunk_len, dtype=np.int64)
+    ends = np.minimum(starts + chunk_len, total)
+    q0 = np.minimum.reduceat(tokens[:, 1], starts) if total else starts
+    q1 = np.maximum.reduceat(tokens[:, 2], starts) if total else starts
+    chunks = np.stack([starts, ends, q0, q1], 1)
+    tiles = -(-((q1 - q0) * group) // BLOCK_M)
+    work = np.stack([np.repeat(np.arange(len(chunks)), tiles),
+                     np.concatenate([np.arange(t) for t in tiles]) if len(tiles) else np.zeros(0, np.int64)], 1)
+
+    # Step 4: partial slots (chunk-major) and each query's list of them, in chunk order.
+    widths = q1 - q0
+    slot_base = np.concatenate([[0], np.cumsum(widths)[:-1]]) if len(widths) else np.zeros(0, np.int64)
+    pair_q = np.concatenate([np.arange(a, b) for a, b in zip(q0, q1)]) if len(widths) else np.zeros(0, np.int64)
+    pair_slot = np.arange(len(pair_q))
+    by_q = np.argsort(pair_q, kind="stable")
+    num_q = int(leaf_off[-1])
+    q_indptr = np.concatenate([[0], np.cumsum(np.bincount(pair_q, minlength=num_q))])
+    host = {
+        "tokens": tokens, "chunks": chunks, "work": work, "slot_base": slot_base,
+        "qmask_off": qmask_off, "mask": np.concatenate(masks).astype(np.int64) if masks else np.zeros(1, np.int64),
+        "q_indptr": q_indptr, "slot_idx": pair_slot[by_q],
+    }
+    host = {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in host.items()}
+
+    # Step 5: one int32 buffer, sections 16-byte aligned, one copy to the device.
+    offsets, at = {}, 0
+    for name in _SECTIONS:
+        offsets[name] = at
+        at += -(-host[name].size // 4) * 4
+    flat = np.zeros(max(at, 4), dtype=np.int32)
+    for name in _SECTIONS:
+        flat[offsets[name]: offsets[name] + host[name].size] = host[name].reshape(-1)
+    meta = torch.from_numpy(flat).to(device)
+    return DeftPlan(
+        num_queries=num_q, num_heads=num_qo_heads, num_kv_heads=hkv, head_dim=cache.head_dim,
+        page_size=cache.page_size, num_pages=cache.num_pages, chunk_len=chunk_len, host=host,
+        meta=meta, offsets=offsets, leaves=leaves, leaf_query_offsets=leaf_off,
+        leaf_path_lengths=np.array([cache.path_length(leaf) for leaf in leaves], dtype=np.int64),
+        tail_masks=leaf_masks,
+        cache=cache, version=cache.version)
+
+
+_sms: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sms:
+        _sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sms[index]
+
+
+def workspace_shape(plan: DeftPlan) -> tuple[tuple[int, int, int], tuple[int, int]]:
+    """Shapes of the fp32 workspaces: mid_o [num_slots, H, D] and mid_lse [num_slots, H]."""
+    return (plan.num_slots, plan.num_heads, plan.head_dim), (plan.num_slots, plan.num_heads)
+
+
+# ------------------------------------------------------------------------------ the op
+
+
+def _ptr(x: torch.Tensor, elem_offset: int = 0):
+    return np.uint64(x.data_ptr() + elem_offset * x.element_size())
+
+
+def _launch(q, k_pool, v_pool, plan, mid_o, mid_lse, out, lse, scale):
+    nq, h, d = q.shape
+    if plan.num_work == 0 or nq == 0:
+        return
+    meta = plan.meta
+    at = lambda name: _ptr(meta, plan.offsets[name])  # noqa: E731
+    i64 = np.int64
+    kernel = _jit.get_kernel(spec(q.dtype, d), q.device)
+    kernel(
+        (plan.num_work, plan.num_kv_heads, 1), (128, 1, 1),
+        (
+            _ptr(q), i64(q.stride(0)), i64(q.stride(1)),
+            _ptr(k_pool), i64(k_pool.stride(0)), i64(k_pool.stride(1)), i64(k_pool.stride(2)),
+            _ptr(v_pool), i64(v_pool.stride(0)), i64(v_pool.stride(1)), i64(v_pool.stride(2)),
+            np.int32(int(math.log2(plan.page_size))),
+            at("tokens"), at("chunks"), at("work"), at("slot_base"), at("qmask_off"), at("mask"),
+            _ptr(mid_o), _ptr(mid_lse), np.int32(h), np.int32(h // plan.num_kv_heads),
+            np.float32(scale * math.log2(math.e)),
+        ),
+        smem=_smem_bytes(d),
+    )
+    rows_per_block = _MERGE_THREADS // (d // 4)
+    merge = _jit.get_kernel(merge_spec(q.dtype, d), q.device)
+    merge(
+        (math.ceil(nq * h / rows_per_block), 1, 1), (_MERGE_THREADS, 1, 1),
+        (
+            _ptr(mid_o), _ptr(mid_lse), at("q_indptr"), at("slot_idx"),
+            _ptr(out), i64(out.stride(0)), i64(out.stride(1)), _ptr(lse), np.int32(nq), np.int32(h),
+        ),
+    )
+
+
+def _check(q, k_pool, v_pool, plan, out, workspace):
+    _checks.is_tensor("q", q)
+    _checks.is_tensor("k_pool", k_pool)
+    _checks.is_tensor("v_pool", v_pool)
+    if not isinstance(plan, DeftPlan):
+        raise TypeError(f"plan: expected a DeftPlan (from deft_plan), got {type(plan).__name__}")
+    plan.check_fresh()
+    _checks.ndim("q", q, 3, "[Q, H, D]")
+    _checks.shape("q", q, (plan.num_queries, plan.num_heads, plan.head_dim),
+                  "[Q, H, D] (Q = the plan's query rows, H = its num_qo_heads)")
+    layout = "[num_pages, Hkv, P, D] (the plan's cache pools)"
+    pool_shape = (plan.num_pages, plan.num_kv_heads, plan.page_size, plan.head_dim)
+    _checks.ndim("k_pool", k_pool, 4, layout)
+    _checks.shape("k_pool", k_pool, pool_shape, layout)
+    _checks.shape("v_pool", v_pool, pool_shape, layout)
+    _checks.same_dtype("k_pool", k_pool, "q", q)
+    _checks.same_dtype("v_pool", v_pool, "q", q)
+    for name, x in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
+        _checks.last_dim_contiguous(name, x)
+    _checks.same_device(q=q, k_pool=k_pool, v_pool=v_pool, plan=plan.meta)
+    if q.device.type == "cuda":
+        _checks.dtype_in("q", q, DTYPES)
+        _checks.one_of("q.shape[2] (head_dim)", q.shape[2], HEAD_DIMS)
+    else:
+        _checks.dtype_in("q", q, DTYPES + (torch.float32, torch.float64))
+    if out is not None:
+        _checks.writable_output("out", out, tuple(q.shape), q.dtype, q.device)
+    if workspace is not None:
+        if not isinstance(workspace, (tuple, list)) or len(workspace) != 2:
+            raise TypeError(f"workspace: expected a pair (mid_o, mid_lse), got {type(workspace).__name__}")
+        shape_o, shape_l = workspace_shape(plan)
+        for name, x, shp in (("workspace[0]", workspace[0], shape_o), ("workspace[1]", workspace[1], shape_l)):
+            _checks.is_tensor(name, x)
+            _checks.shape(name, x, shp, "(workspace_shape(plan))")
+            if x.dtype != torch.float32:
+                raise TypeError(f"{name}: expected dtype float32, got {x.dtype}")
+            if x.device != q.device:
+                raise ValueError(f"{name}: expected device {q.device}, got {x.device}")
+            if not x.is_contiguous():
+                raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")
+
+
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cuda" and not _checks.aligned16(x, range(x.dim() - 1)):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None, workspace=None,
+                   return_lse=False):
+    """Tree decoding attention: query row q (a query token of leaf i) attends every token on leaf
+    i's root-to-leaf path, its own leaf's query tokens only as the leaf's tail mask allows.
+
+    Args:
+        q: [Q, H, D] fp16 or bf16 (CPU: also fp32/fp64, through ``reference.deft_attention``);
+            rows in the plan's order (leaves in DFS order, n_i rows each). D in {64, 128}.
+        k_pool, v_pool: one layer's pools [num_pages, Hkv, P, D] of the planned cache, q's dtype.
+        plan: from ``deft_plan`` for the cache's current tree (checked: a stale plan raises).
+        sm_scale: default 1 / sqrt(D).
+        out: optional [Q, H, D] in q's dtype, written in place.
+        workspace: optional (mid_o, mid_lse) fp32 of ``workspace_shape(plan)``; with ``out`` and
+            ``workspace`` given only the [Q, H] lse is allocated (CUDA-graph capture works).
+        return_lse: also return lse [Q, H] fp32 (natural log).
+
+    Returns:
+        out [Q, H, D] (and lse). Bitwise deterministic: stage 2 merges in a fixed order.
+    """
+    q_t, k_t, v_t = (_interop.as_tensor(n, x) for n, x in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)))
+    _check(q_t, k_t, v_t, plan, out, workspace)
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q_t.shape[2])
+    if q_t.device.type != "cuda":
+        o, lse = reference.deft_attention(q_t, k_t, v_t, plan.leaf_slots, np.diff(plan.leaf_query_offsets).tolist(),
+                                          plan.tail_masks, scale)
+        if out is not None:
+            out.copy_(o)
+            o = out
+        return (o, lse) if return_lse else o
+    result = out if out is not None else torch.empty_like(q_t, memory_format=torch.contiguous_format)
+    # stage 2 stores 4 elements (8 bytes) per thread: rows must be 8-byte aligned
+    direct = result.data_ptr() % 8 == 0 and result.stride(0) % 4 == 0 and result.stride(1) % 4 == 0
+    target = result if direct else torch.empty_like(q_t, memory_format=torch.contiguous_format)
+    if workspace is None:
+        shape_o, shape_l = workspace_shape(plan)
+        workspace = (torch.empty(shape_o, dtype=torch.float32, device=q_t.device),
+                     torch.empty(shape_l, dtype=torch.float32, device=q_t.device))
+    lse = torch.empty(plan.num_queries, plan.num_heads, dtype=torch.float32, device=q_t.device)
+    _launch(_aligned(q_t), _aligned(k_t), _aligned(v_t), plan, workspace[0], workspace[1], target, lse, scale)
+    if target is not result:
+        result.copy_(target)
+    result = _interop.like(q, result)
+    return (result, _interop.like(q, lse)) if return_lse else result
+
+
+def emulate_plan(q, k_pool, v_pool, plan: DeftPlan, sm_scale=None):
+    """The plan's own arithmetic in float64 on any device: stage 1 per chunk (with the kernel's
+    visibility rule), stage 2 through the CSR lists. Equal to ``reference.deft_attention`` iff the
+    plan is right; tests use it to check plans without a GPU. Returns (o, lse) float64."""
+    nq, h, d = q.shape
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
+    hkv, p = plan.num_kv_heads, plan.page_size
+    g = h // hkv
+    tok, ch = plan.host["tokens"].astype(np.int64), plan.host["chunks"].astype(np.int64)
+    mask, qmo = plan.host["mask"].astype(bool), plan.host["qmask_off"].astype(np.int64)
+    mid_o = torch.full((plan.num_slots, h, d), float("nan"), dtype=torch.float64)
+    mid_lse = torch.full((plan.num_slots, h), float("nan"), dtype=torch.float64)
+    for c, (b, e, q0, q1) in enumerate(ch):
+        t = tok[b:e]
+        slots = torch.as_tensor(t[:, 0])
+        k = k_pool[slots // p, :, slots % p].transpose(0, 1).repeat_interleave(g, 0)  # [H, L, D]
+        v = v_pool[slots // p, :, slots % p].transpose(0, 1).repeat_interleave(g, 0)
+        qs = np.arange(q0, q1)
+        allowed = (t[None, :, 1] <= qs[:, None]) & (qs[:, None] < t[None, :, 2])
+        cols = t[:, 3]
+        masked = cols[None, :] >= 0
+        lookup = mask[np.clip(qmo[qs][:, None] + cols[None, :], 0, len(mask) - 1)]
+        allowed &= ~masked | lookup
+        o, lse = reference.attention_state(q[q0:q1].transpose(0, 1), k, v, torch.as_tensor(allowed), scale)
+        base = int(plan.host["slot_base"][c])
+        mid_o[base: base + q1 - q0] = o.transpose(0, 1).cpu()
+        mid_lse[base: base + q1 - q0] = lse.transpose(0, 1).cpu()
+    o_out = torch.zeros(nq, h, d, dtype=torch.float64)
+    lse_out = torch.full((nq, h), float("-inf"), dtype=torch.float64)
+    ind, idx = plan.host["q_indptr"], plan.host["slot_idx"]
+    for qi in range(nq):
+        s = torch.as_tensor(idx[ind[qi]: ind[qi + 1]].astype(np.int64))
+        if len(s):
+            o, lse = reference.merge_states(mid_o[s][None], mid_lse[s][None])
+            o_out[qi], lse_out[qi] = o[0], lse[0]
+    return o_out, lse_out
