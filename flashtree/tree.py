@@ -993,3 +993,169 @@ def unpack_responses(packed: torch.Tensor, groups: Groups) -> List[List[torch.Te
     _check_packed_length(packed, _group_offsets(_check_groups(groups))[-1])
     return [[packed.index_select(0, path.to(device=packed.device, dtype=torch.int64)) for path in group]
             for group in paths]
+
+
+# ---------------------------------------------------------------------------------------------------
+# C. Speculative-decoding trees on the device: static trees as tensors, batched per-sequence trees, and
+#    EAGLE-style dynamic top-k expansion. Everything here is fixed-shape torch code with no host sync.
+# ---------------------------------------------------------------------------------------------------
+
+class TreeTensors(NamedTuple):
+    """One decode tree (or one per sequence) as device tensors, ready for verification.
+
+    Shapes carry an optional leading ``B`` (per-sequence trees, e.g. dynamic ones); without it the tree
+    is shared by the batch.
+    """
+
+    parents: torch.Tensor   # int64 [(B,) T], -1 for the root
+    depths: torch.Tensor    # int64 [(B,) T], root 0
+    mask: torch.Tensor      # bool [(B,) T, T], ancestor-or-self (True = may attend)
+    paths: torch.Tensor     # int64 [(B,) P, max_depth + 1], root-to-node paths padded with -1
+    dfs_order: torch.Tensor  # int64 [(B,) T], pre-order node ids, children in increasing id order
+
+    @property
+    def num_nodes(self) -> int:
+        return self.parents.shape[-1]
+
+    @property
+    def max_depth(self) -> int:
+        """Static bound: the number of path slots minus one."""
+        return self.paths.shape[-1] - 1
+
+    def position_ids(self, kv_seq_len: torch.Tensor) -> torch.Tensor:
+        """int64 ``[B, T]``: ``kv_seq_len[b] + depth``."""
+        return kv_seq_len.to(torch.int64)[:, None] + self.depths
+
+
+def tree_tensors(spec: "TreeSpec", device: DeviceLike = None) -> TreeTensors:
+    """A static tree (chain, Medusa choices, any :class:`TreeSpec`) as :class:`TreeTensors` on ``device``.
+
+    ``paths`` are the root-to-leaf paths of :func:`retrieve_indices`. Build it once per tree and reuse it.
+    """
+    if not isinstance(spec, TreeSpec):
+        raise TypeError(f"spec: expected a flashtree.tree.TreeSpec, got {type(spec).__name__}")
+    return TreeTensors(
+        parents=spec.parents.to(device=device, dtype=torch.int64),
+        depths=spec.depths.to(device=device, dtype=torch.int64),
+        mask=spec.mask.to(device),
+        paths=spec.retrieve_indices.to(device=device, dtype=torch.int64),
+        dfs_order=spec.dfs_order.to(device=device, dtype=torch.int64),
+    )
+
+
+def batched_tree_tensors(parents: torch.Tensor, max_depth: int) -> TreeTensors:
+    """Per-sequence trees given as a parents tensor on any device, without a host sync.
+
+    Args:
+        parents: int ``[B, T]``, each row a valid parent array (``-1`` first, ``parents[b, i] < i``;
+            not checked here: call :func:`validate_parents` on rows when in doubt).
+        max_depth: a static bound on every tree's depth (extra path slots stay -1).
+
+    Returns:
+        :class:`TreeTensors` with a leading ``B``; ``paths[b, i]`` is the path from the root to node ``i``
+        (one path per node, leaves or not: the longest accepted prefix is the same).
+    """
+    if not isinstance(parents, torch.Tensor) or parents.dim() != 2:
+        raise ValueError(f"parents: expected a tensor [B, T], got "
+                         f"{tuple(parents.shape) if isinstance(parents, torch.Tensor) else type(parents).__name__}")
+    max_depth = _check_int(max_depth, "max_depth", minimum=0)
+    bsz, num_nodes = parents.shape
+    dev = parents.device
+    sentinel = num_nodes
+    p64 = parents.to(torch.int64)
+    jump = torch.cat([torch.where(p64 < 0, torch.full_like(p64, sentinel), p64),
+                      torch.full((bsz, 1), sentinel, dtype=torch.int64, device=dev)], 1)  # [B, T + 1]
+    eye = torch.eye(num_nodes + 1, dtype=torch.bool, device=dev)
+    eye[sentinel, sentinel] = False
+    mask = eye.expand(bsz, -1, -1).clone()
+    # Pointer jumping, a static number of rounds (2**rounds > T): after round k, row i holds i and its
+    # 2**k - 1 nearest ancestors, and jump[i] is its 2**k-th ancestor (or the empty sentinel row).
+    for _ in range(int(num_nodes).bit_length()):
+        mask = mask | torch.gather(mask, 1, jump[:, :, None].expand(-1, -1, num_nodes + 1))
+        jump = jump.gather(1, jump)
+    mask = mask[:, :num_nodes, :num_nodes]
+    depths_out = mask.sum(-1) - 1  # ancestors-or-self minus one
+    # paths[b, i, d] = the ancestor of i at depth d: scatter column j into slot depth[j].
+    slot = torch.where(mask, depths_out[:, None, :], torch.full_like(depths_out[:, None, :], max_depth + 1))
+    cols = torch.arange(num_nodes, device=dev).expand(bsz, num_nodes, num_nodes)
+    paths = torch.full((bsz, num_nodes, max_depth + 2), -1, dtype=torch.int64, device=dev)
+    paths.scatter_(2, slot.clamp(max=max_depth + 1), cols)
+    paths = paths[:, :, :max_depth + 1].contiguous()
+    return TreeTensors(p64, depths_out, mask, paths, _batched_dfs_order(p64, mask, depths_out))
+
+
+def _batched_dfs_order(parents: torch.Tensor, mask: torch.Tensor, node_depths: torch.Tensor) -> torch.Tensor:
+    """Pre-order ids (children in increasing id order) from the ancestor mask, with matmuls only.
+
+    pre(i) = depth(i) + sum over the ancestors-or-self a of i of E(a), where E(a) is the total size of
+    the subtrees of a's earlier siblings (they are all visited before a).
+    """
+    num_nodes = mask.shape[-1]
+    m = mask.to(torch.float32)
+    subtree = m.sum(1)  # [B, T]: nodes having j as ancestor-or-self
+    earlier = torch.ones(num_nodes, num_nodes, dtype=torch.bool, device=mask.device).tril(-1)
+    siblings = (parents[:, :, None] == parents[:, None, :]) & earlier & (parents[:, :, None] >= 0)
+    before = torch.bmm(siblings.to(torch.float32), subtree[:, :, None])  # [B, T, 1]
+    pre = node_depths.to(torch.float32) + torch.bmm(m, before).squeeze(-1)
+    return torch.argsort(pre, dim=1)
+
+
+def topk_tree(cand_parents: torch.Tensor, cand_scores: torch.Tensor, num_nodes: int
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """EAGLE-style reranking: keep the root and the ``num_nodes - 1`` best candidates of an expansion.
+
+    Candidates are numbered in expansion order (a parent before its children). The score of a
+    candidate must not exceed its parent's (cumulative log-probabilities satisfy this), so the best
+    set is closed under ancestors; ties are broken toward shallower candidates.
+
+    Args:
+        cand_parents: int ``[B, K]``: candidate 0 is the root (parent -1), ``cand_parents[b, i] < i``.
+        cand_scores: float ``[B, K]`` (the root's score is ignored).
+        num_nodes: the tree size to keep, ``1 <= num_nodes <= K``.
+
+    Returns:
+        ``(parents, kept)``: int64 ``[B, num_nodes]`` each. ``kept[b, n]`` is the candidate that became
+        node ``n`` (ascending, so the tree is in topological order); ``parents`` is the new tree.
+    """
+    if cand_parents.shape != cand_scores.shape or cand_parents.dim() != 2:
+        raise ValueError(f"cand_scores: expected the shape of cand_parents [B, K] "
+                         f"{tuple(cand_parents.shape)}, got {tuple(cand_scores.shape)}")
+    num_nodes = _check_int(num_nodes, "num_nodes", minimum=1)
+    bsz, num_cands = cand_parents.shape
+    if num_nodes > num_cands:
+        raise ValueError(f"num_nodes: expected <= K = {num_cands} (the candidates), got {num_nodes}")
+    dev = cand_parents.device
+    p64 = cand_parents.to(torch.int64)
+    # A tiny per-id penalty breaks ties toward earlier (hence shallower or parent) candidates.
+    ids = torch.arange(num_cands, device=dev, dtype=torch.float64)
+    score = cand_scores.to(torch.float64) - ids * 1e-9
+    score[:, 0] = float("inf")
+    kept = torch.topk(score, num_nodes, dim=1).indices.sort(dim=1).values  # [B, N]
+    new_id = torch.full((bsz, num_cands), -1, dtype=torch.int64, device=dev)
+    new_id.scatter_(1, kept, torch.arange(num_nodes, device=dev).expand(bsz, num_nodes))
+    old_parent = p64.gather(1, kept)
+    parents = torch.where(old_parent < 0, old_parent, new_id.gather(1, old_parent.clamp(min=0)))
+    return parents, kept
+
+
+def children_table(parents: torch.Tensor) -> torch.Tensor:
+    """int64 ``[(B,) T, max_children]``: the children of each node in increasing id order, padded with -1.
+
+    Host-side helper for static trees (it reads the widest fan-out); ``parents`` int ``[(B,) T]``.
+    """
+    p = parents.to(torch.int64)
+    flat = p.reshape(-1, p.shape[-1])
+    num_nodes = flat.shape[1]
+    counts = torch.zeros(flat.shape[0], num_nodes + 1, dtype=torch.int64, device=p.device)
+    counts.scatter_add_(1, flat.clamp(min=-1) + 1, torch.ones_like(flat))
+    widest = max(1, int(counts[:, 1:].max()))
+    table = torch.full((flat.shape[0], num_nodes, widest), -1, dtype=torch.int64, device=p.device)
+    # rank of each child among its siblings = number of earlier nodes with the same parent
+    same = (flat[:, :, None] == flat[:, None, :]) & torch.ones(num_nodes, num_nodes, dtype=torch.bool,
+                                                               device=p.device).tril(-1)
+    rank = same.sum(-1)
+    child = torch.arange(num_nodes, device=p.device).expand_as(flat)
+    rows = torch.arange(flat.shape[0], device=p.device)[:, None].expand_as(flat)
+    has_parent = flat >= 0
+    table[rows[has_parent], flat[has_parent], rank[has_parent]] = child[has_parent]
+    return table.view(*p.shape, widest)
