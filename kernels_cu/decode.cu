@@ -33,6 +33,7 @@
 #include "common/types.cuh"
 #include "common/state.cuh"
 #include "common/mma.cuh"
+#include "common/warp_gemm.cuh"
 
 namespace ft {
 
@@ -177,10 +178,7 @@ tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
   u32 q_frag[Cfg::kQInRegs ? D / 16 : 1][4];
   if (Cfg::kQInRegs && warp_active) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int r = warp_row0 + (lane % 8) + 8 * ((lane / 8) % 2);
-      ldmatrix_x4(q_frag[kk], smem_addr(smem_q + Tile::offset(r, 2 * kk + lane / 16)));
-    }
+    for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D>(q_frag[kk], smem_q, warp_row0, kk, lane);
   }
   float o_acc[D / 8][4];
 #pragma unroll
@@ -224,21 +222,12 @@ tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
         for (int j = 0; j < Cfg::kWarpN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-          u32 a[4];
           if (Cfg::kQInRegs) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = q_frag[Cfg::kQInRegs ? kk : 0][i];
+            mma_abt<D, Cfg::kWarpN>(s, q_frag[Cfg::kQInRegs ? kk : 0], sk, kb, kk, lane);
           } else {
-            const int r = warp_row0 + (lane % 8) + 8 * ((lane / 8) % 2);
-            ldmatrix_x4(a, smem_addr(smem_q + Tile::offset(r, 2 * kk + lane / 16)));
-          }
-#pragma unroll
-          for (int j2 = 0; j2 < Cfg::kWarpN / 16; ++j2) {
-            u32 kf[4];
-            const int key = kb + j2 * 16 + (lane % 8) + 8 * (lane / 16);
-            ldmatrix_x4(kf, smem_addr(sk + Tile::offset(key, 2 * kk + (lane / 8) % 2)));
-            mma_16816<T>(s[2 * j2], a, kf[0], kf[1]);
-            mma_16816<T>(s[2 * j2 + 1], a, kf[2], kf[3]);
+            u32 a[4];
+            load_a_frag<D>(a, smem_q, warp_row0, kk, lane);
+            mma_abt<D, Cfg::kWarpN>(s, a, sk, kb, kk, lane);
           }
         }
 
@@ -258,46 +247,14 @@ tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
         }
 
         // Step 4c: online softmax (rows g and g + 8), rescaling what O holds so far.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = row_max[r];
-#pragma unroll
-          for (int j = 0; j < Cfg::kWarpN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-          mx = quad_max(mx);
-          const float base = mx == neg_inf() ? 0.f : mx;  // all masked so far: keep exp2 finite
-          const float rescale = fast_exp2(row_max[r] - base);
-          row_max[r] = mx;
-          float sum = 0.f;
-#pragma unroll
-          for (int j = 0; j < Cfg::kWarpN / 8; ++j) {
-            s[j][2 * r] = fast_exp2(s[j][2 * r] - base);
-            s[j][2 * r + 1] = fast_exp2(s[j][2 * r + 1] - base);
-            sum += s[j][2 * r] + s[j][2 * r + 1];
-          }
-          row_sum[r] = row_sum[r] * rescale + sum;
-#pragma unroll
-          for (int i = 0; i < D / 8; ++i) {
-            o_acc[i][2 * r] *= rescale;
-            o_acc[i][2 * r + 1] *= rescale;
-          }
-        }
+        online_softmax_step(s, row_max, row_sum, o_acc);
 
         // Step 4d: O += P V, P re-packed from the S accumulators as 16-bit A fragments.
 #pragma unroll
         for (int kk = 0; kk < Cfg::kWarpN / 16; ++kk) {
           u32 a[4];
-          a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-          a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-          a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-          a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-          for (int dn = 0; dn < D / 16; ++dn) {
-            u32 vf[4];
-            const int key = kb + kk * 16 + (lane % 8) + 8 * ((lane / 8) % 2);
-            ldmatrix_x4_trans(vf, smem_addr(sv + Tile::offset(key, 2 * dn + lane / 16)));
-            mma_16816<T>(o_acc[2 * dn], a, vf[0], vf[1]);
-            mma_16816<T>(o_acc[2 * dn + 1], a, vf[2], vf[3]);
-          }
+          acc_to_a<T>(a, s, kk);
+          mma_ab<D>(o_acc, a, sv, kb + 16 * kk, lane);
         }
       }
     }

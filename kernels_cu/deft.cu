@@ -39,6 +39,7 @@
 #include "common/types.cuh"
 #include "common/state.cuh"
 #include "common/mma.cuh"
+#include "common/warp_gemm.cuh"
 
 namespace ft {
 
@@ -144,10 +145,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   u32 q_frag[D / 16][4];
   if (warp_active) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int r = warp_row0 + (lane % 8) + 8 * ((lane / 8) % 2);
-      ldmatrix_x4(q_frag[kk], smem_addr(smem_q + Tile::offset(r, 2 * kk + lane / 16)));
-    }
+    for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D>(q_frag[kk], smem_q, warp_row0, kk, lane);
   }
   float o_acc[D / 8][4];
 #pragma unroll
@@ -181,13 +179,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 #pragma unroll
         for (int j = 0; j < 2; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          u32 kf[4];
-          const int key = kb + (lane % 8) + 8 * (lane / 16);
-          ldmatrix_x4(kf, smem_addr(sk + Tile::offset(key, 2 * kk + (lane / 8) % 2)));
-          mma_16816<T>(s[0], q_frag[kk], kf[0], kf[1]);
-          mma_16816<T>(s[1], q_frag[kk], kf[2], kf[3]);
-        }
+        for (int kk = 0; kk < D / 16; ++kk) mma_abt<D, 16>(s, q_frag[kk], sk, kb, kk, lane);
 
         // Step 4b: base-2 scores; keys this row's query does not see become -inf.
 #pragma unroll
@@ -205,42 +197,12 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
         }
 
         // Step 4c: online softmax (rows g and g + 8), rescaling what O holds so far.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = fmaxf(row_max[r], fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1])));
-          mx = quad_max(mx);
-          const float base = mx == neg_inf() ? 0.f : mx;
-          const float rescale = fast_exp2(row_max[r] - base);
-          row_max[r] = mx;
-          float sum = 0.f;
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            s[j][2 * r] = fast_exp2(s[j][2 * r] - base);
-            s[j][2 * r + 1] = fast_exp2(s[j][2 * r + 1] - base);
-            sum += s[j][2 * r] + s[j][2 * r + 1];
-          }
-          row_sum[r] = row_sum[r] * rescale + sum;
-#pragma unroll
-          for (int i = 0; i < D / 8; ++i) {
-            o_acc[i][2 * r] *= rescale;
-            o_acc[i][2 * r + 1] *= rescale;
-          }
-        }
+        online_softmax_step(s, row_max, row_sum, o_acc);
 
         // Step 4d: O += P V.
         u32 a[4];
-        a[0] = pack2<T>(s[0][0], s[0][1]);
-        a[1] = pack2<T>(s[0][2], s[0][3]);
-        a[2] = pack2<T>(s[1][0], s[1][1]);
-        a[3] = pack2<T>(s[1][2], s[1][3]);
-#pragma unroll
-        for (int dn = 0; dn < D / 16; ++dn) {
-          u32 vf[4];
-          const int key = kb + (lane % 8) + 8 * ((lane / 8) % 2);
-          ldmatrix_x4_trans(vf, smem_addr(sv + Tile::offset(key, 2 * dn + lane / 16)));
-          mma_16816<T>(o_acc[2 * dn], a, vf[0], vf[1]);
-          mma_16816<T>(o_acc[2 * dn + 1], a, vf[2], vf[3]);
-        }
+        acc_to_a<T>(a, s, 0);
+        mma_ab<D>(o_acc, a, sv, kb, lane);
       }
     }
     __syncthreads();  // the next iteration's copy overwrites this stage

@@ -238,29 +238,7 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
         }
 
         // Step 3c: online softmax, rescaling what O holds so far.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = row_max[r];
-#pragma unroll
-          for (int jj = 0; jj < Cfg::kWarpN / 8; ++jj) mx = fmaxf(mx, fmaxf(s[jj][2 * r], s[jj][2 * r + 1]));
-          mx = quad_max(mx);
-          const float base = mx == neg_inf() ? 0.f : mx;  // nothing visible yet: keep exp2 finite
-          const float rescale = fast_exp2(row_max[r] - base);
-          row_max[r] = mx;
-          float sum = 0.f;
-#pragma unroll
-          for (int jj = 0; jj < Cfg::kWarpN / 8; ++jj) {
-            s[jj][2 * r] = fast_exp2(s[jj][2 * r] - base);
-            s[jj][2 * r + 1] = fast_exp2(s[jj][2 * r + 1] - base);
-            sum += s[jj][2 * r] + s[jj][2 * r + 1];
-          }
-          row_sum[r] = row_sum[r] * rescale + sum;
-#pragma unroll
-          for (int i = 0; i < D / 8; ++i) {
-            o_acc[i][2 * r] *= rescale;
-            o_acc[i][2 * r + 1] *= rescale;
-          }
-        }
+        online_softmax_step(s, row_max, row_sum, o_acc);
 
         // Step 3d: O += P V.
 #pragma unroll

@@ -8,6 +8,7 @@
 
 #include "common/types.cuh"
 #include "common/mma.cuh"
+#include "common/state.cuh"
 
 namespace ft {
 
@@ -54,6 +55,38 @@ __device__ __forceinline__ void acc_to_a(u32 (&a)[4], const float (&c)[NB][4], i
   a[1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
   a[2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
   a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// One online-softmax step for the two rows (g, g + 8) a lane holds in a 16 x (8 NB) score block
+// (base-2, already scaled and masked with -inf): update the running max and this lane's partial
+// sum, turn the scores into probabilities in place, and rescale what O holds so far.
+// A row with nothing visible yet keeps max = -inf and exponentiates against 0 (exp2 stays finite).
+template <int NB, int DB>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NB][4], float (&row_max)[2], float (&row_sum)[2],
+                                                    float (&o_acc)[DB][4]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = row_max[r];
+#pragma unroll
+    for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+    mx = quad_max(mx);
+    const float base = mx == neg_inf() ? 0.f : mx;
+    const float rescale = fast_exp2(row_max[r] - base);
+    row_max[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < NB; ++j) {
+      s[j][2 * r] = fast_exp2(s[j][2 * r] - base);
+      s[j][2 * r + 1] = fast_exp2(s[j][2 * r + 1] - base);
+      sum += s[j][2 * r] + s[j][2 * r + 1];
+    }
+    row_sum[r] = row_sum[r] * rescale + sum;
+#pragma unroll
+    for (int i = 0; i < DB; ++i) {
+      o_acc[i][2 * r] *= rescale;
+      o_acc[i][2 * r + 1] *= rescale;
+    }
+  }
 }
 
 }  // namespace ft
