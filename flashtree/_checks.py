@@ -87,6 +87,25 @@ def writable_output(name: str, x: torch.Tensor, expected_shape, dtype: torch.dty
     last_dim_contiguous(name, x)
 
 
+def fp32_workspace(name: str, x: torch.Tensor, device) -> None:
+    """A caller-provided fp32 workspace: on ``device``, contiguous, 16-byte aligned (vector access)."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name}: expected dtype float32, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {x.device}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")
+    if x.device.type == "cuda" and x.data_ptr() % 16:
+        raise ValueError(f"{name}: expected a 16-byte aligned data pointer, got {x.data_ptr():#x}")
+
+
+def aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with 16-byte aligned rows for cp.async / vector loads: a misaligned CUDA view is copied once."""
+    if x.device.type == "cuda" and not aligned16(x, range(x.dim() - 1)):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
 def aligned16(x: torch.Tensor, dims: Sequence[int]) -> bool:
     """Whether every row that starts at the given dims is 16-byte aligned (vector access)."""
     if x.data_ptr() % 16:

@@ -195,7 +195,7 @@ def _launch(q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv
     bsz, h, t, d = q.shape
     hkv = current_k.shape[1]
     paged = block_tables is not None
-    q, k_cache, v_cache, current_k, current_v = map(_aligned, (q, k_cache, v_cache, current_k, current_v))
+    q, k_cache, v_cache, current_k, current_v = map(_checks.aligned_rows, (q, k_cache, v_cache, current_k, current_v))
     kernel = _jit.get_kernel(spec(q.dtype, d, block_size, paged), q.device)
     _, smem = _stages_and_smem(d, block_size)
     grid = ((h // hkv * t + _BLOCK_M - 1) // _BLOCK_M, num_splits + 1, bsz * hkv)
@@ -294,13 +294,6 @@ def _check_common(q, current_k, current_v, kv_seq_len, block_size, kv_group_num,
     return bsz, h, t, d, hkv
 
 
-def _aligned(x: torch.Tensor) -> torch.Tensor:
-    """16-byte aligned rows for the async copies: a misaligned view is copied once."""
-    if x.device.type == "cuda" and not _checks.aligned16(x, range(x.dim() - 1)):
-        return x.clone(memory_format=torch.contiguous_format)
-    return x
-
-
 def _buffers(q, num_splits, output, mid_output, mid_output_lse, return_lse):
     bsz, h, t, d = q.shape
     if output is None:
@@ -327,14 +320,7 @@ def _check_workspace(q, mid_output, mid_output_lse):
     _checks.shape("mid_output", mid_output, (bsz, h, t, None, d), "[B, H, T, S_max + 1, D]")
     _checks.shape("mid_output_lse", mid_output_lse, (bsz, h, t, mid_output.shape[3]), "[B, H, T, S_max + 1]")
     for name, x in (("mid_output", mid_output), ("mid_output_lse", mid_output_lse)):
-        if x.dtype != torch.float32:
-            raise TypeError(f"{name}: expected dtype float32, got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device}, got {x.device}")
-        if not x.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")
-        if x.data_ptr() % 16:
-            raise ValueError(f"{name}: expected a 16-byte aligned data pointer, got {x.data_ptr():#x}")
+        _checks.fp32_workspace(name, x, q.device)
     if mid_output.shape[3] < 2 and q.device.type == "cuda":
         raise ValueError(f"mid_output: expected shape[3] >= 2 (one cache split + the tree), got {mid_output.shape[3]}")
     return mid_output.shape[3] - 1

@@ -422,18 +422,8 @@ def _check(q, k_pool, v_pool, plan, out, workspace):
         for name, x, shp in (("workspace[0]", workspace[0], shape_o), ("workspace[1]", workspace[1], shape_l)):
             _checks.is_tensor(name, x)
             _checks.shape(name, x, shp, "(workspace_shape(plan))")
-            if x.dtype != torch.float32:
-                raise TypeError(f"{name}: expected dtype float32, got {x.dtype}")
-            if x.device != q.device:
-                raise ValueError(f"{name}: expected device {q.device}, got {x.device}")
-            if not x.is_contiguous():
-                raise ValueError(f"{name}: expected a contiguous tensor, got strides {x.stride()}")
+            _checks.fp32_workspace(name, x, q.device)
 
-
-def _aligned(x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cuda" and not _checks.aligned16(x, range(x.dim() - 1)):
-        return x.clone(memory_format=torch.contiguous_format)
-    return x
 
 
 def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None, workspace=None,
@@ -474,7 +464,7 @@ def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None
         workspace = (torch.empty(shape_o, dtype=torch.float32, device=q_t.device),
                      torch.empty(shape_l, dtype=torch.float32, device=q_t.device))
     lse = torch.empty(plan.num_queries, plan.num_heads, dtype=torch.float32, device=q_t.device)
-    _launch(_aligned(q_t), _aligned(k_t), _aligned(v_t), plan, workspace[0], workspace[1], target, lse, scale)
+    _launch(_checks.aligned_rows(q_t), _checks.aligned_rows(k_t), _checks.aligned_rows(v_t), plan, workspace[0], workspace[1], target, lse, scale)
     if target is not result:
         result.copy_(target)
     result = _interop.like(q, result)

@@ -67,18 +67,6 @@ def _tiny_llama(device: str):
     return model
 
 
-def _first_layers(model, num_layers: int):
-    """A draft: the target truncated to its first layers (shared embedding, norm and LM head weights)."""
-    from transformers import LlamaForCausalLM
-
-    cfg = type(model.config)(**{**model.config.to_dict(), "num_hidden_layers": num_layers})
-    draft = LlamaForCausalLM(cfg).eval()
-    keep = {k: v for k, v in model.state_dict().items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers}
-    draft.load_state_dict(keep)
-    return draft.to(next(model.parameters()))
-
-
 def _near_tie(model, ids, got: list, n: int):
     """The first position where ``got`` differs from HF greedy and the target's top-2 logit gap there."""
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
@@ -107,7 +95,7 @@ def _speculative(device: str, quick: bool) -> None:
     heads = sp.MedusaHeads.from_target(model, 4, noise=0.2, generator=torch.Generator().manual_seed(2)).eval()
     paths = tree.MEDUSA_63 if gpu else tree.MEDUSA_63[:15]
     greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-    draft = _first_layers(model, 1)
+    draft = sp.truncated_draft(model, 1)
     runs = [(f"random Medusa heads, Medusa tree of {len(paths) + 1} tokens", lambda: sp.MedusaDrafter(heads), paths),
             ("draft = the target's first layer, EAGLE dynamic top-k tree of 16 tokens",
              lambda: sp.DraftModelDrafter(draft, topk=4, depth=4, num_nodes=16), None)]

@@ -27,6 +27,7 @@ accumulating dK and dV in registers (the GQA reduction happens in a fixed order)
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 
@@ -52,28 +53,17 @@ def tiles_spec() -> _jit.KernelSpec:
                            name=f"dfs_tiles_t{TILE}")
 
 
-def fwd_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
-    return _jit.KernelSpec(family="dfs", kernel="ft::dfs_fwd_kernel",
+def _spec(stage: str, dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
+    """The ``ft::dfs_<stage>_kernel`` specialisation (stage: fwd, bwd_delta, bwd_dkdv, bwd_dq)."""
+    return _jit.KernelSpec(family="dfs", kernel=f"ft::dfs_{stage}_kernel",
                            template_args=(_jit.ctype(dtype), head_dim),
-                           name=f"dfs_fwd_{_jit.short(dtype)}_d{head_dim}")
+                           name=f"dfs_{stage}_{_jit.short(dtype)}_d{head_dim}")
 
 
-def delta_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
-    return _jit.KernelSpec(family="dfs", kernel="ft::dfs_bwd_delta_kernel",
-                           template_args=(_jit.ctype(dtype), head_dim),
-                           name=f"dfs_bwd_delta_{_jit.short(dtype)}_d{head_dim}")
-
-
-def dkdv_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
-    return _jit.KernelSpec(family="dfs", kernel="ft::dfs_bwd_dkdv_kernel",
-                           template_args=(_jit.ctype(dtype), head_dim),
-                           name=f"dfs_bwd_dkdv_{_jit.short(dtype)}_d{head_dim}")
-
-
-def dq_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
-    return _jit.KernelSpec(family="dfs", kernel="ft::dfs_bwd_dq_kernel",
-                           template_args=(_jit.ctype(dtype), head_dim),
-                           name=f"dfs_bwd_dq_{_jit.short(dtype)}_d{head_dim}")
+fwd_spec = functools.partial(_spec, "fwd")
+delta_spec = functools.partial(_spec, "bwd_delta")
+dkdv_spec = functools.partial(_spec, "bwd_dkdv")
+dq_spec = functools.partial(_spec, "bwd_dq")
 
 
 def _shipped():

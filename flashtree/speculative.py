@@ -437,6 +437,17 @@ class MedusaDrafter:
 # ---------------------------------------------------------------------------------- draft model
 
 
+def truncated_draft(model, num_layers: int = 1):
+    """A draft model: the HF target cut to its first ``num_layers`` decoder layers, sharing the
+    embedding, final norm and LM head weights (copied), on the target's device and dtype."""
+    cfg = type(model.config)(**{**model.config.to_dict(), "num_hidden_layers": num_layers})
+    draft = type(model)(cfg).eval()
+    keep = {k: v for k, v in model.state_dict().items()
+            if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers}
+    draft.load_state_dict(keep)
+    return draft.to(next(model.parameters()))
+
+
 class DraftModelDrafter:
     """A small causal LM (same tokenizer) drafting with its own :class:`FlashTreeCache`.
 

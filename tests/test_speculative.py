@@ -220,17 +220,6 @@ def _tiny(num_layers=2, head_dim=None, seed=0, dtype=torch.float32, device="cpu"
     return model
 
 
-def _draft_of(model, num_layers=1):
-    from transformers import LlamaForCausalLM
-
-    cfg = type(model.config)(**{**model.config.to_dict(), "num_hidden_layers": num_layers})
-    draft = LlamaForCausalLM(cfg).eval()
-    keep = {k: v for k, v in model.state_dict().items()
-            if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers}
-    draft.load_state_dict(keep)
-    return draft.to(next(model.parameters()))
-
-
 def _reference(model, ids, n):
     # an explicit attention mask: HF would otherwise treat prompt tokens equal to pad_token_id as padding
     return torch.cat([model.generate(ids[i:i + 1], attention_mask=torch.ones_like(ids[i:i + 1]), max_new_tokens=n,
@@ -241,7 +230,7 @@ def _reference(model, ids, n):
 def tiny():
     model = _tiny()
     heads = sp.MedusaHeads.from_target(model, 3, noise=0.2, generator=torch.Generator().manual_seed(1)).eval()
-    return model, _draft_of(model), heads
+    return model, sp.truncated_draft(model), heads
 
 
 CASES = [
@@ -366,7 +355,7 @@ def test_gpu_greedy_speculative_equals_hf_greedy(kind, spec, kwargs):
     decoding, except that a flip is tolerated at a near tie (top-2 logit gap < 0.02), where fp16
     rounding of two different attention kernels may legitimately disagree."""
     model = _tiny(head_dim=64, seed=11, dtype=torch.float16, device="cuda")
-    draft = _draft_of(model)
+    draft = sp.truncated_draft(model)
     heads = sp.MedusaHeads.from_target(model, 4, noise=0.2, generator=torch.Generator().manual_seed(1)).eval()
     g = torch.Generator().manual_seed(12)
     for _ in range(3):
