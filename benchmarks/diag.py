@@ -3,6 +3,7 @@
   python benchmarks/diag.py decode B C T [block] [paged]   run one workload a few times (for ncu)
   python benchmarks/diag.py merge N S
   python benchmarks/diag.py variants                        time decode variants on the verify rows
+  python benchmarks/diag.py mergevariants                   merge vs FlashInfer, eager and graph
   python benchmarks/diag.py overhead                        eager vs CUDA-graph time: the host's share
   python benchmarks/diag.py hostprofile                     cProfile of the host path of tiny calls
 """
@@ -27,7 +28,8 @@ def decode_call(b, c, t, block=64, paged=0):
         pages = b * c // ps
         kp = torch.randn(pages, hkv, ps, d, device=dev, dtype=dt)
         vp = torch.randn_like(kp)
-        bt = torch.randperm(pages, device=dev, dtype=torch.int32).view(b, c // ps)
+        order = torch.randperm(pages, device=dev) if paged == 1 else torch.arange(pages, device=dev)
+        bt = order.to(torch.int32).view(b, c // ps)  # paged = 1: shuffled pages, 2: in order
         call = lambda: flashtree.flash_decoding_attention_paged(q, kp, vp, bt, lens, ck, cv, mask, block_size=block, kv_group_num=4)
     else:
         kc = torch.randn(b, hkv, c, d, device=dev, dtype=dt)
@@ -44,22 +46,57 @@ def decode(*args):
 
 
 def variants():
+    """Decode kernel variants on the verify rows: (16-row blocks per warp, keys per softmax step)."""
     from flashtree import decode as dec
     from flashtree.bench.timing import bench
     rows = [(1, 32768, 64), (8, 8192, 64), (32, 2048, 8), (64, 4096, 4), (4, 16384, 63)]
-    print(f"{'B,C,T':>14} {'block':>5} {'warp':>4} {'padded us':>10} {'paged us':>10}")
+    configs = [(1, 64), (2, 32)]
+    print(f"{'B,C,T':>14} {'block':>5} {'rows/warp':>9} {'warp_n':>6} {'padded us':>10} {'paged us':>10} "
+          f"{'in-order us':>11} {'paged/padded':>12}")
     for b, c, t in rows:
-        for block in (64, 128):
-            for warp in (32, 64):
-                dec._WARP_N_OVERRIDE = warp
+        for block in (64,):  # 128-key tiles were slower on every row (session 2, 2026-11-21)
+            for tiles, warp in configs:
+                if tiles == 2 and 4 * t <= 64:
+                    continue  # one row tile: the two-block variant would idle half its rows
+                dec._M_TILES_OVERRIDE, dec._WARP_N_OVERRIDE = tiles, warp
                 us = []
-                for paged in (0, 1):
+                for paged in (0, 1, 2):
                     call = decode_call(b, c, t, block, paged)
                     us.append(bench(call, warmup=5, iters=30).median_us)
                     del call
                     torch.cuda.empty_cache()
-                print(f"{f'{b},{c},{t}':>14} {block:>5} {warp:>4} {us[0]:>10.1f} {us[1]:>10.1f}", flush=True)
-    dec._WARP_N_OVERRIDE = None
+                print(f"{f'{b},{c},{t}':>14} {block:>5} {16 * tiles:>9} {warp:>6} {us[0]:>10.1f} {us[1]:>10.1f} "
+                      f"{us[2]:>11.1f} {us[1] / us[0]:>12.3f}", flush=True)
+    dec._M_TILES_OVERRIDE = dec._WARP_N_OVERRIDE = None
+
+
+def mergevariants():
+    """merge_states (grid capped at 1 or 2 waves of resident blocks, or uncapped) against FlashInfer,
+    eager and as CUDA-graph replays."""
+
+    from flashtree import merge as mg
+    from flashtree.bench.timing import bench, input_sets
+    try:
+        import flashinfer
+    except Exception as e:  # noqa: BLE001
+        flashinfer = None
+        print("flashinfer unavailable:", e)
+    print(f"{'N':>7} {'S':>3} {'variant':>12} {'eager us':>9} {'graph us':>9}")
+    for n, s in [(4096, 2), (4096, 1), (4096, 4), (131072, 2), (131072, 4), (32768, 16)]:
+        sets = input_sets(lambda: (torch.randn(n, s, 32, 128, device="cuda", dtype=torch.bfloat16),
+                                   torch.randn(n, s, 32, device="cuda") * 3))
+        impls = {f"ft waves={w}": (w, flashtree.merge_states) for w in (None, 2)}
+        impls["ft default"] = (0, flashtree.merge_states)
+        if flashinfer is not None:
+            impls["flashinfer"] = (0, flashinfer.merge_states)  # base-2 lse; timing is value-blind
+        for name, (waves, fn) in impls.items():
+            mg._MAX_WAVES_OVERRIDE = waves
+            eager = bench(fn, inputs=sets, warmup=10, iters=100).median_us
+            graph = bench(fn, inputs=sets, warmup=10, iters=100, graph=True).median_us
+            print(f"{n:>7} {s:>3} {name:>12} {eager:>9.1f} {graph:>9.1f}", flush=True)
+        mg._MAX_WAVES_OVERRIDE = 0
+        del sets
+        torch.cuda.empty_cache()
 
 
 def overhead():
@@ -117,4 +154,5 @@ def merge(n, s):
 
 
 if __name__ == "__main__":
-    {"decode": decode, "merge": merge, "variants": variants, "overhead": overhead, "hostprofile": hostprofile}[sys.argv[1]](*map(int, sys.argv[2:]))
+    {"decode": decode, "merge": merge, "variants": variants, "mergevariants": mergevariants, "overhead": overhead,
+     "hostprofile": hostprofile}[sys.argv[1]](*map(int, sys.argv[2:]))

@@ -112,3 +112,13 @@ def aligned16(x: torch.Tensor, dims: Sequence[int]) -> bool:
         return x.numel() == 0
     size, strides, shape = x.element_size(), x.stride(), x.shape
     return all(strides[d] * size % 16 == 0 or shape[d] == 1 for d in dims)
+
+
+def softmax_scale(name: str, value, head_dim: int) -> float:
+    """The softmax scale as a float: 1 / sqrt(head_dim) for None, else a positive finite number.
+    (The kernels fold the scale into exp2 after taking the maximum of the raw scores.)"""
+    if value is None:
+        return head_dim ** -0.5
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) < float("inf"):
+        raise ValueError(f"{name}: expected None or a positive finite float, got {value!r}")
+    return float(value)

@@ -12,8 +12,9 @@ head, 4 row tiles of 64), C = 32768.
     32 s / (waves * 264) is 97% at s = 8, so each CTA reads 32768 / 8 = 4096 keys.
   * We take the smallest s within 10% of the best efficiency for s up to the number of
     block_size tiles (more splits only add partial states to merge), i.e. s = 8 here.
-The tree tokens form one more "split" (reading current_k/current_v under the mask), and the
-S + 1 partial states are merged exactly by the merge kernel (log-sum-exp).
+The tree tokens join the last non-empty split of each sequence as extra tiles (read from
+current_k/current_v under the mask). With one split the kernel writes the output itself; with
+more, the S partial states are merged exactly by the merge kernel (log-sum-exp).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ HEAD_DIMS = (64, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16)
 PAGE_SIZES = (8, 16, 32, 64, 128, 256)
 MAX_TREE_TOKENS = 256
-_BLOCK_M = 64  # query rows per CTA (kernels_cu/decode.cu: DecodeConfig::kBlockM)
+_ROWS_PER_M_TILE = 64  # query rows per CTA and 16-row block per warp (DecodeConfig::kBlockM = 64 * M_TILES)
 _SMEM_LIMIT = 227 * 1024
 _TWO_CTA_SMEM = 113 * 1024  # two CTAs per SM on sm_90 (228 KB, 1 KB reserved per CTA); sm_80 has 164 KB
 
@@ -41,12 +42,12 @@ _UNSUPPORTED = {(256, 32), (256, 256)}
 
 
 @functools.lru_cache(maxsize=None)
-def _stages_and_smem(head_dim: int, block_size: int) -> tuple[int, int] | None:
+def _stages_and_smem(head_dim: int, block_size: int, m_tiles: int = 1) -> tuple[int, int] | None:
     """Pipeline depth and dynamic shared memory (bytes); None for an unsupported combination."""
-    if (head_dim, block_size) in _UNSUPPORTED:
-        return None
+    if (head_dim, block_size) in _UNSUPPORTED or (m_tiles > 1 and (head_dim > 128 or block_size < 64)):
+        return None  # two 16-row blocks per warp: D <= 128 (2 x D / 2 accumulators), tiles >= 64 keys
     def smem(stages):
-        return 2 * (_BLOCK_M * head_dim + stages * 2 * block_size * head_dim)
+        return 2 * (_ROWS_PER_M_TILE * m_tiles * head_dim + stages * 2 * block_size * head_dim)
 
     # Deepest pipeline (up to 4 stages) with which two CTAs still share an SM; else whatever fits.
     for stages in (4, 3, 2):
@@ -58,7 +59,7 @@ def _stages_and_smem(head_dim: int, block_size: int) -> tuple[int, int] | None:
     return None
 
 
-def warp_n(head_dim: int, block_size: int) -> int:
+def warp_n(head_dim: int, block_size: int, m_tiles: int = 1) -> int:
     """Keys per softmax step in the kernel (DecodeConfig::kWarpN before capping by the tile).
 
     64 halves the rescales of O and doubles the independent accumulators but leaves no registers
@@ -67,24 +68,39 @@ def warp_n(head_dim: int, block_size: int) -> int:
     """
     if _WARP_N_OVERRIDE is not None:
         return _WARP_N_OVERRIDE
-    return 64 if head_dim <= 128 else 32
+    return _DEFAULT_WARP_N[m_tiles] if head_dim <= 128 else 32
 
 
+_DEFAULT_WARP_N = {1: 64, 2: 32}  # per 16-row blocks per warp: what fits in 255 registers unspilled
 _WARP_N_OVERRIDE: int | None = None
+_M_TILES_OVERRIDE: int | None = None
 
 
-def spec(dtype: torch.dtype, head_dim: int, block_size: int, paged: bool, warp: int | None = None) -> _jit.KernelSpec:
-    return _spec(dtype, head_dim, block_size, paged, warp or warp_n(head_dim, block_size))
+def m_tiles(rows: int, head_dim: int, block_size: int, paged: bool) -> int:
+    """16-row blocks per warp: 2 (128 query rows per CTA, each K/V fragment feeding two mma chains,
+    half as many CTAs reading each page) for a paged cache whose G * T rows per KV head fill more
+    than one 64-row tile, else 1. Measured on an H200 (benchmarks/NOTES.md, session 3): padded
+    T = 64 rows are 5-7% faster with 1 (three pipeline stages fit), paged ones 4-8% faster with 2."""
+    if _M_TILES_OVERRIDE is not None:
+        return _M_TILES_OVERRIDE
+    two = paged and rows > _ROWS_PER_M_TILE and _stages_and_smem(head_dim, block_size, 2) is not None
+    return 2 if two else 1
+
+
+def spec(dtype: torch.dtype, head_dim: int, block_size: int, paged: bool, warp: int | None = None,
+         tiles: int = 1) -> _jit.KernelSpec:
+    return _spec(dtype, head_dim, block_size, paged, warp or warp_n(head_dim, block_size, tiles), tiles)
 
 
 @functools.lru_cache(maxsize=None)  # called on every launch: build each spec once
-def _spec(dtype: torch.dtype, head_dim: int, block_size: int, paged: bool, warp: int) -> _jit.KernelSpec:
-    stages, _ = _stages_and_smem(head_dim, block_size)
-    variant = "" if warp == 64 or (head_dim > 128 and warp == 32) else f"_w{warp}"
+def _spec(dtype: torch.dtype, head_dim: int, block_size: int, paged: bool, warp: int, tiles: int) -> _jit.KernelSpec:
+    stages, _ = _stages_and_smem(head_dim, block_size, tiles)
+    default_warp = warp == (_DEFAULT_WARP_N[tiles] if head_dim <= 128 else 32)
+    variant = ("" if tiles == 1 else f"_m{64 * tiles}") + ("" if default_warp else f"_w{warp}")
     return _jit.KernelSpec(
         family="decode",
         kernel="ft::tree_decode_kernel",
-        template_args=(_jit.ctype(dtype), head_dim, block_size, stages, warp, "true" if paged else "false"),
+        template_args=(_jit.ctype(dtype), head_dim, block_size, stages, warp, "true" if paged else "false", tiles),
         name=f"decode_{'paged_' if paged else ''}{_jit.short(dtype)}_d{head_dim}_b{block_size}{variant}",
     )
 
@@ -94,9 +110,10 @@ def _shipped():
         for d in HEAD_DIMS:
             yield merge.spec(torch.float32, d, dtype)  # the combine step
             for bs in BLOCK_SIZES:
-                if _stages_and_smem(d, bs) is not None:
-                    for paged in (False, True):
-                        yield spec(dtype, d, bs, paged)
+                for tiles in (1, 2):
+                    if _stages_and_smem(d, bs, tiles) is not None:
+                        for paged in (False, True):
+                            yield spec(dtype, d, bs, paged, tiles=tiles)
 
 
 _jit.register_shipped("decode", _shipped)
@@ -106,11 +123,13 @@ _jit.register_shipped("decode", _shipped)
 
 
 def plan_splits(batch: int, num_kv_heads: int, rows: int, max_len: int, block_size: int,
-                num_sms: int, ctas_per_sm: int, max_splits: int | None = None) -> tuple[int, int]:
-    """(num_splits, split_len) for the cache part; see the module docstring for a worked example."""
+                num_sms: int, ctas_per_sm: int, max_splits: int | None = None,
+                block_m: int = _ROWS_PER_M_TILE) -> tuple[int, int]:
+    """(num_splits, split_len) for the cache part; see the module docstring for a worked example.
+    ``block_m`` is the kernel's query rows per CTA."""
     if max_len <= 0:
         return 0, block_size
-    base = batch * num_kv_heads * math.ceil(rows / _BLOCK_M)
+    base = batch * num_kv_heads * math.ceil(rows / block_m)
     slots = max(1, num_sms * ctas_per_sm)
     limit = math.ceil(max_len / block_size)
     if max_splits is not None:
@@ -128,9 +147,10 @@ def plan_splits(batch: int, num_kv_heads: int, rows: int, max_len: int, block_si
 
 
 def workspace_shape(q_shape, num_splits: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of mid_output [B, H, T, S + 1, D] and mid_output_lse [B, H, T, S + 1] (fp32)."""
+    """Shapes of mid_output [B, H, T, S, D] and mid_output_lse [B, H, T, S] (fp32): one partial
+    state per split (the tree tokens join the last split of each sequence)."""
     b, h, t, d = q_shape
-    return (b, h, t, num_splits + 1, d), (b, h, t, num_splits + 1)
+    return (b, h, t, num_splits, d), (b, h, t, num_splits)
 
 
 # ------------------------------------------------------------------------------------ masks
@@ -185,8 +205,9 @@ def _check_diagonal(mask: torch.Tensor, allowed: torch.Tensor) -> None:
 
 # tree_decode_kernel's parameters (kernels_cu/decode.cu): q, k cache, v cache (pointer + 3 strides
 # each), block table (pointer, stride, log2 page), current k and v, mask (pointer + 3 strides),
-# kv_len, mid_o, mid_lse, five int32 sizes and the base-2 scale.
-_PARAMS = _jit.param_layout("Qqqq Qqqq Qqqq Qqi Qqqq Qqqq Qqqq Q QQ iiiii f")
+# kv_len, mid_o, mid_lse and their state stride, out (pointer + 3 strides), lse_out, five int32
+# sizes and the base-2 scale.
+_PARAMS = _jit.param_layout("Qqqq Qqqq Qqqq Qqi Qqqq Qqqq Qqqq Q QQi Qqqq Q iiiii f")
 _LOG2E = math.log2(math.e)
 
 
@@ -196,9 +217,14 @@ def _launch(q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv
     hkv = current_k.shape[1]
     paged = block_tables is not None
     q, k_cache, v_cache, current_k, current_v = map(_checks.aligned_rows, (q, k_cache, v_cache, current_k, current_v))
-    kernel = _jit.get_kernel(spec(q.dtype, d, block_size, paged), q.device)
-    _, smem = _stages_and_smem(d, block_size)
-    grid = ((h // hkv * t + _BLOCK_M - 1) // _BLOCK_M, num_splits + 1, bsz * hkv)
+    rows = h // hkv * t
+    tiles = m_tiles(rows, d, block_size, paged)
+    kernel = _jit.get_kernel(spec(q.dtype, d, block_size, paged, tiles=tiles), q.device)
+    _, smem = _stages_and_smem(d, block_size, tiles)
+    block_m = _ROWS_PER_M_TILE * tiles
+    # One split (or an empty cache) writes the output directly; more go through the merge.
+    direct = num_splits <= 1
+    grid = ((rows + block_m - 1) // block_m, max(num_splits, 1), bsz * hkv)
     ms = mask_u8.stride()
     kernel.launch(
         grid, (128, 1, 1), _PARAMS,
@@ -211,17 +237,20 @@ def _launch(q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv
             current_v.data_ptr(), *current_v.stride()[:3],
             mask_u8.data_ptr(), ms[0] if mask_u8.shape[0] > 1 else 0, ms[1], ms[2],
             kv_seq_len.data_ptr(),
-            mid_o.data_ptr(), mid_lse.data_ptr(),
-            h, h // hkv, t, num_splits, split_len,
+            0 if direct else mid_o.data_ptr(), 0 if direct else mid_lse.data_ptr(), 0 if direct else mid_o.shape[3],
+            output.data_ptr(), *output.stride()[:3], lse.data_ptr(),
+            h, h // hkv, t, max(num_splits, 1), split_len if num_splits else 0,
             sm_scale * _LOG2E,
         ),
         smem=smem,
     )
-    # Combine: the states of row (b, h, t) are mid_o[b, h, t, :S + 1] (contiguous workspace), read
-    # as [N = B * H, S + 1, T, D] -> output [B * H, T, D] (contiguous).
-    s1, s_total = num_splits + 1, mid_o.shape[3]
+    if direct:
+        return
+    # Combine: the states of row (b, h, t) are mid_o[b, h, t, :S] (contiguous workspace), read
+    # as [N = B * H, S, T, D] -> output [B * H, T, D] (contiguous).
+    s_total = mid_o.shape[3]
     merge.launch_raw(
-        q.device, torch.float32, q.dtype, (bsz * h, s1, t, d),
+        q.device, torch.float32, q.dtype, (bsz * h, num_splits, t, d),
         mid_o.data_ptr(), (t * s_total * d, d, s_total * d),
         mid_lse.data_ptr(), (t * s_total, 1, s_total),
         output.data_ptr(), (output.stride(1), output.stride(2)), lse.data_ptr(), (t, 1),
@@ -231,7 +260,7 @@ def _launch(q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv
 def _tree_decode_impl(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor | None,
     current_k: torch.Tensor, current_v: torch.Tensor, mask_u8: torch.Tensor, kv_seq_len: torch.Tensor,
-    mid_o: torch.Tensor, mid_lse: torch.Tensor, output: torch.Tensor, lse: torch.Tensor,
+    mid_o: torch.Tensor | None, mid_lse: torch.Tensor | None, output: torch.Tensor, lse: torch.Tensor,
     block_size: int, num_splits: int, split_len: int, log2_page: int, sm_scale: float,
 ) -> None:
     if q.device.type == "cuda" and q.dtype in DTYPES:
@@ -300,7 +329,7 @@ def _buffers(q, num_splits, output, mid_output, mid_output_lse, return_lse):
         output = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
         _checks.writable_output("output", output, (bsz, h, t, d), q.dtype, q.device)
-    if mid_output is None:
+    if mid_output is None and num_splits > 1:  # one split writes the output directly
         shape_o, shape_l = workspace_shape(q.shape, num_splits)
         mid_output = torch.empty(shape_o, dtype=torch.float32, device=q.device)
         mid_output_lse = torch.empty(shape_l, dtype=torch.float32, device=q.device)
@@ -309,21 +338,21 @@ def _buffers(q, num_splits, output, mid_output, mid_output_lse, return_lse):
 
 
 def _check_workspace(q, mid_output, mid_output_lse):
-    """User workspaces bound the number of splits: S_max = mid_output.shape[3] - 1."""
+    """User workspaces bound the number of splits: S_max = mid_output.shape[3]."""
     if mid_output is None and mid_output_lse is None:
         return None
     if mid_output is None or mid_output_lse is None:
         raise ValueError("mid_output, mid_output_lse: expected both or neither, got only one")
     bsz, h, t, d = q.shape
     _checks.is_tensor("mid_output", mid_output)
-    _checks.ndim("mid_output", mid_output, 5, "[B, H, T, S_max + 1, D]")
-    _checks.shape("mid_output", mid_output, (bsz, h, t, None, d), "[B, H, T, S_max + 1, D]")
-    _checks.shape("mid_output_lse", mid_output_lse, (bsz, h, t, mid_output.shape[3]), "[B, H, T, S_max + 1]")
+    _checks.ndim("mid_output", mid_output, 5, "[B, H, T, S_max, D]")
+    _checks.shape("mid_output", mid_output, (bsz, h, t, None, d), "[B, H, T, S_max, D]")
+    _checks.shape("mid_output_lse", mid_output_lse, (bsz, h, t, mid_output.shape[3]), "[B, H, T, S_max]")
     for name, x in (("mid_output", mid_output), ("mid_output_lse", mid_output_lse)):
         _checks.fp32_workspace(name, x, q.device)
-    if mid_output.shape[3] < 2 and q.device.type == "cuda":
-        raise ValueError(f"mid_output: expected shape[3] >= 2 (one cache split + the tree), got {mid_output.shape[3]}")
-    return mid_output.shape[3] - 1
+    if mid_output.shape[3] < 1:
+        raise ValueError(f"mid_output: expected shape[3] (S_max, the most splits) >= 1, got {mid_output.shape[3]}")
+    return mid_output.shape[3]
 
 
 _props: dict[int, object] = {}
@@ -335,15 +364,17 @@ def _device_properties(index: int):
     return _props[index]
 
 
-def _plan(q, hkv, max_len, block_size, max_splits):
+def _plan(q, hkv, max_len, block_size, max_splits, paged):
     if q.device.type != "cuda":
         return (1 if max_len > 0 else 0), max(block_size, max_len)
     props = _device_properties(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    _, smem = _stages_and_smem(q.shape[3], block_size)
+    rows = q.shape[1] // hkv * q.shape[2]
+    tiles = m_tiles(rows, q.shape[3], block_size, paged)
+    _, smem = _stages_and_smem(q.shape[3], block_size, tiles)
     smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     ctas_per_sm = max(1, min(smem_per_sm // (smem + 1024), 2))  # launch bounds: 2 CTAs per SM
-    return plan_splits(q.shape[0], hkv, q.shape[1] // hkv * q.shape[2], max_len, block_size,
-                       props.multi_processor_count, ctas_per_sm, max_splits)
+    return plan_splits(q.shape[0], hkv, rows, max_len, block_size, props.multi_processor_count,
+                       ctas_per_sm, max_splits, block_m=_ROWS_PER_M_TILE * tiles)
 
 
 def _run(q, k_cache, v_cache, block_tables, current_k, current_v, mask, kv_seq_len, capacity,
@@ -366,9 +397,9 @@ def _run(q, k_cache, v_cache, block_tables, current_k, current_v, mask, kv_seq_l
         shortest = int(kv_seq_len.min()) if bsz else 0
         if shortest < 0 or longest > max_len:
             raise ValueError(f"kv_seq_len: expected values in [0, {max_len}], got min {shortest}, max {longest}")
-    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(d)
+    scale = _checks.softmax_scale("sm_scale", sm_scale, d)
     max_splits = _check_workspace(q, mid_output, mid_output_lse)
-    num_splits, split_len = _plan(q, hkv, max_len, block_size, max_splits)
+    num_splits, split_len = _plan(q, hkv, max_len, block_size, max_splits, block_tables is not None)
     output, mid_output, mid_output_lse, lse = _buffers(q, num_splits, output, mid_output, mid_output_lse, return_lse)
     # The combine step writes output as [B * H, T, D] rows with 16-byte vector stores.
     # (Traced code cannot read data pointers; there the eager calls' checks stand.)
@@ -427,10 +458,11 @@ def flash_decoding_attention(q, k_cache, v_cache, current_k, current_v, mask, kv
         max_seq_len_in_batch: optional host int bounding kv_seq_len (fewer splits); None uses C and
             never synchronises.
         output: optional [B, H, T, D] in q's dtype, written in place.
-        mid_output, mid_output_lse: optional fp32 workspaces [B, H, T, S_max + 1, D] and
-            [B, H, T, S_max + 1] (contiguous); they cap the number of splits at S_max. With output
-            and both workspaces given, the call allocates only the [B, H, T] lse (graph capture works).
-            ``workspace_shape(q.shape, S_max)`` gives the shapes.
+        mid_output, mid_output_lse: optional fp32 workspaces [B, H, T, S_max, D] and
+            [B, H, T, S_max] (contiguous), one partial state per split; they cap the number of
+            splits at S_max. With output and both workspaces given, the call allocates only the
+            [B, H, T] lse (graph capture works). ``workspace_shape(q.shape, S_max)`` gives the
+            shapes. A call that needs one split writes the output directly and leaves them alone.
         sm_scale: softmax scale, default 1 / sqrt(D).
         kv_group_num: H / Hkv (GQA group size), checked against the shapes.
         return_lse: also return the natural-log lse [B, H, T] fp32 (for callers that merge further).

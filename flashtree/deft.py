@@ -447,7 +447,7 @@ def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None
     """
     q_t, k_t, v_t = (_interop.as_tensor(n, x) for n, x in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)))
     _check(q_t, k_t, v_t, plan, out, workspace)
-    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q_t.shape[2])
+    scale = _checks.softmax_scale("sm_scale", sm_scale, q_t.shape[2])
     if q_t.device.type != "cuda":
         o, lse = reference.deft_attention(q_t, k_t, v_t, plan.leaf_slots, np.diff(plan.leaf_query_offsets).tolist(),
                                           plan.tail_masks, scale)

@@ -301,15 +301,13 @@ def _check(q, k, v, cu_seqlens, start_q, end_k, max_seqlen, softmax_scale, names
         raise ValueError(f"{cu_name}: expected at least 2 entries [0, ..., N], got {cu_seqlens.shape[0]}")
     if max_seqlen is not None and (not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 1):
         raise ValueError(f"max_seqlen: expected None or an int >= 1, got {max_seqlen!r}")
-    if softmax_scale is not None and (not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool)
-                                      or not math.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale: expected None or a finite float, got {softmax_scale!r}")
+    _checks.softmax_scale("softmax_scale", softmax_scale, d)
     _check_cu_values(cu_seqlens, n, cu_name)
     return n, h, d
 
 
 def _run(q, k, v, cu_seqlens, start_q, end_k, softmax_scale, validate, return_tiles=False):
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
+    scale = _checks.softmax_scale("softmax_scale", softmax_scale, q.shape[2])
     if validate:  # opt-in: copies the arrays to the host
         _tree.validate_dfs_arrays(start_q, end_k, cu_seqlens)
     if q.device.type != "cuda":

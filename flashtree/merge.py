@@ -41,23 +41,35 @@ def spec(dtype: torch.dtype, head_dim: int, out_dtype: torch.dtype | None = None
 _jit.register_shipped("merge", lambda: [spec(dt, d) for dt in DTYPES for d in HEAD_DIMS])
 
 
-def launch(o, lse, o_out, lse_out) -> None:
+def launch(o, lse, o_out, lse_out, *, fresh_out: bool = False) -> None:
     """Launch the merge kernel on tensors already validated (any N/S/H strides, D contiguous).
 
     o_out may be in a 16-bit dtype while o is fp32: split-KV decode combines its fp32 partials
-    straight into the output this way.
+    straight into the output this way. ``fresh_out``: o_out was just allocated (aligned).
     """
     n, s, h, d = o.shape
     if n * h == 0:
         return
     if not _checks.aligned16(o, (0, 1, 2)):
         o = o.clone(memory_format=torch.contiguous_format)  # vector loads need 16-byte rows
-    if not _checks.aligned16(o_out, (0, 1)):
+    if not fresh_out and not _checks.aligned16(o_out, (0, 1)):
         raise ValueError("out[0]: expected 16-byte aligned rows (data_ptr and strides), got a misaligned view")
     launch_raw(o.device, o.dtype, o_out.dtype, (n, s, h, d),
                o.data_ptr(), o.stride()[:3], lse.data_ptr(), lse.stride(),
                o_out.data_ptr(), o_out.stride()[:2], lse_out.data_ptr(), lse_out.stride())
 
+
+_BLOCKS_PER_SM_THREADS = 1536  # merge.cu's __launch_bounds__: 1536 threads per SM
+_MAX_WAVES_OVERRIDE: int | None = 0  # exploration (benchmarks/diag.py); 0 = the rule below
+
+
+def _max_waves(blocks: int, num_states: int, resident: int) -> int | None:
+    """Grid cap in waves of resident blocks, or None for one block per ROWS rows. Measured on an
+    H200 (benchmarks/NOTES.md, session 3): capping at 2 waves gains 5% at S >= 4 when the full grid
+    is a few waves (the partial last wave is a large share), and loses 2-4% on long grids and S = 2."""
+    if _MAX_WAVES_OVERRIDE != 0:
+        return _MAX_WAVES_OVERRIDE
+    return 2 if num_states >= 4 and blocks < 16 * resident else None
 
 # merge_states_kernel(o, lse, o_out, lse_out, num_rows, num_heads, num_states, 10 x int64 strides)
 _PARAMS = _jit.param_layout("QQQQ iii qqq qqq qq qq")
@@ -70,8 +82,12 @@ def launch_raw(device, dtype, out_dtype, shape, o_ptr, o_strides, lse_ptr, lse_s
     n, s, h, d = shape
     kernel = _jit.get_kernel(spec(dtype, d, out_dtype), device)
     lanes, rows = _geometry(dtype, d)
+    blocks = (n * h + rows - 1) // rows
+    waves = _max_waves(blocks, s, _jit.num_sms(device) * (_BLOCKS_PER_SM_THREADS // (rows * lanes)))
+    if waves is not None:  # blocks stride over the rows: no partial last wave, no relaunches
+        blocks = min(blocks, waves * _jit.num_sms(device) * (_BLOCKS_PER_SM_THREADS // (rows * lanes)))
     kernel.launch(
-        ((n * h + rows - 1) // rows, 1, 1), (rows * lanes, 1, 1), _PARAMS,
+        (blocks, 1, 1), (rows * lanes, 1, 1), _PARAMS,
         (o_ptr, lse_ptr, out_ptr, out_lse_ptr, n * h, h, s,
          *o_strides, *lse_strides, *out_strides, *out_lse_strides),
     )
@@ -92,6 +108,15 @@ def _merge_states_impl(o: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor
     lse_out = lse.new_empty(n, h)
     _merge_into(o, lse, o_out, lse_out)
     return o_out, lse_out
+
+
+def _plain_cuda_call(o, lse) -> bool:
+    """The common eager call, recognised in ~1 us: plain CUDA tensors that pass every check of
+    ``_check`` (anything else takes the full path, which names what is wrong)."""
+    return (type(o) is torch.Tensor and type(lse) is torch.Tensor and o.is_cuda and o.dim() == 4
+            and o.dtype in DTYPES and lse.dtype == torch.float32 and o.shape[1] >= 1
+            and o.shape[3] in HEAD_DIMS and lse.shape == o.shape[:3] and lse.device == o.device
+            and o.stride(3) == 1 and not torch.compiler.is_compiling())
 
 
 _merge_states_op = torch.library.custom_op("flashtree::merge_states", _merge_states_impl, mutates_args=())
@@ -151,6 +176,12 @@ def merge_states(o, lse, *, out=None):
         (o_merged [N, H, D] in o's dtype, lse_merged [N, H] fp32). A row whose partials are all
         -inf gives o = 0, lse = -inf. Finite inputs never give NaN. CuPy arrays in, CuPy out.
     """
+    if out is None and _plain_cuda_call(o, lse):  # the hot path: checked, allocated, launched
+        n, _, h, d = o.shape
+        o_out = torch.empty((n, h, d), dtype=o.dtype, device=o.device)
+        lse_out = torch.empty((n, h), dtype=torch.float32, device=o.device)
+        launch(o, lse, o_out, lse_out, fresh_out=True)
+        return o_out, lse_out
     o_t, lse_t = _interop.as_tensor("o", o), _interop.as_tensor("lse", lse)
     _check(o_t, lse_t, out)
     # Eager calls go straight to the implementation (no dispatcher cost); traced ones see the op.

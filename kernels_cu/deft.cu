@@ -33,7 +33,7 @@
 //   q_indptr  int    [Q + 1]      slot_idx int [num_slots]
 // Outputs: mid_o fp32 [num_slots, H, D], mid_lse fp32 [num_slots, H] (contiguous);
 //   out T [Q, H, D] strides (o_sq, o_sh); lse_out fp32 [Q, H] contiguous.
-// Numerics: exp2 softmax on scores scaled by scale_log2 = sm_scale * log2(e), fp32 accumulation,
+// Numerics: exp2 softmax on scores scaled by scale_log2 = sm_scale * log2(e) > 0, fp32 accumulation,
 //   P rounded to T for the P V product (as decode.cu); keys past tok_end and invisible keys are
 //   -inf before any arithmetic, so pool rows nobody sees never reach the result.
 #include "common/types.cuh"
@@ -181,7 +181,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) mma_abt<D, 16>(s, q_frag[kk], sk, kb, kk, lane);
 
-        // Step 4b: base-2 scores; keys this row's query does not see become -inf.
+        // Step 4b: keys this row's query does not see become -inf (the softmax step scales).
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -191,13 +191,13 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
             for (int r = 0; r < 2; ++r) {
               bool ok = rec.q_lo <= q_row[r] && q_row[r] < rec.q_hi;
               if (ok && rec.mask_col >= 0) ok = mask[qm_row[r] + rec.mask_col] != 0;
-              s[j][2 * r + e2] = ok ? s[j][2 * r + e2] * scale_log2 : neg_inf();
+              if (!ok) s[j][2 * r + e2] = neg_inf();
             }
           }
         }
 
         // Step 4c: online softmax (rows g and g + 8), rescaling what O holds so far.
-        online_softmax_step(s, row_max, row_sum, o_acc);
+        online_softmax_step</*LAZY=*/false>(s, scale_log2, row_max, row_sum, o_acc);  // Q fragments leave no registers for the vote
 
         // Step 4d: O += P V.
         u32 a[4];

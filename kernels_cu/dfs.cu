@@ -31,7 +31,7 @@
 //   k, v, dk, dv   T [N, Hkv, D]   strides (sn, sh); query head h reads KV head h / G, G = H / Hkv
 //   lse, delta     fp32 [N, H] contiguous; lse is the natural log
 //   start_q, end_k int32 [N]; cu_seqlens int32 [num_seqs + 1]
-// Numerics: scores scaled by scale_log2 = softmax_scale * log2(e), exp2 softmax, fp32 accumulation;
+// Numerics: scores scaled by scale_log2 = softmax_scale * log2(e) > 0, exp2 softmax, fp32 accumulation;
 //   P and dS are rounded to T for their tensor-core products (as FlashAttention 2 does). Keys and
 //   rows outside a tile are zero-filled in shared memory and masked, so nothing past N is read.
 // Preconditions: every token sees itself (start_q[i] <= end_k[i]); a row that sees nothing gets
@@ -222,7 +222,7 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) mma_abt<D, Cfg::kWarpN>(s, q_frag[kk], sk, kb, kk, lane);
 
-        // Step 3b: base-2 scale; the tree predicate unless the tile is fully visible.
+        // Step 3b: the tree predicate unless the tile is fully visible (the softmax step scales).
 #pragma unroll
         for (int jj = 0; jj < Cfg::kWarpN / 8; ++jj) {
 #pragma unroll
@@ -232,13 +232,13 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
               const bool ok = full || (key <= row_c[r] && sq_row[r] <= ek);
-              s[jj][2 * r + e2] = ok ? s[jj][2 * r + e2] * scale_log2 : neg_inf();
+              if (!ok) s[jj][2 * r + e2] = neg_inf();
             }
           }
         }
 
         // Step 3c: online softmax, rescaling what O holds so far.
-        online_softmax_step(s, row_max, row_sum, o_acc);
+        online_softmax_step(s, scale_log2, row_max, row_sum, o_acc);
 
         // Step 3d: O += P V.
 #pragma unroll

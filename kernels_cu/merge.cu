@@ -12,8 +12,9 @@
 // and its own slice of every o, in one online pass (kUnroll states per memory round trip).
 // The o slices travel by cp.async into per-thread shared-memory slots, so the bytes in flight
 // cost no registers: 40 registers leave room for 6 blocks (1536 threads) per SM.
-//   grid  = ceil(N * H / ROWS), block = ROWS * kLanes threads, static shared memory
-//   kUnroll * 16 bytes per thread.
+//   grid  <= ceil(N * H / ROWS) blocks striding over the rows (the host caps it at one wave of
+//   resident blocks), block = ROWS * kLanes threads, static shared memory kUnroll * 16 bytes
+//   per thread.
 //
 // Inputs (strides in elements, head_dim contiguous, 16-byte aligned rows):
 //   o       T     [N, S, H, D]   strides (o_sn, o_ss, o_sh, 1)
@@ -50,73 +51,76 @@ merge_states_kernel(const T* __restrict__ o, const float* __restrict__ lse,
   using Cfg = MergeConfig<T, D, ROWS>;
   constexpr int kVec = Cfg::kVec;
 
-  const int row = blockIdx.x * Cfg::kRows + threadIdx.x / Cfg::kLanes;
   const int lane = threadIdx.x % Cfg::kLanes;
-  if (row >= num_rows) return;
-  const int n = row / num_heads;
-  const int h = row % num_heads;
-
-  const float* lse_row = lse + n * l_sn + h * l_sh;                 // [S], stride l_ss (advanced)
-  const T* o_row = o + n * o_sn + h * o_sh + lane * kVec;           // [S][kVec], stride o_ss (advanced)
-
-  // One online pass: for each group of kUnroll states, issue every o copy (cp.async into this
-  // thread's own shared-memory slots, so data in flight costs no registers and occupancy stays
-  // full) and every lse load first, one memory round trip per group; then fold the group into a
-  // running (max, sum, acc).
   __shared__ __align__(16) Vec16 slots[Cfg::kUnroll][Cfg::kThreads];
-  // The running maximum stays in natural-log units: differences of nearby lse values are exact
-  // (Sterbenz) before the scale to base 2, so large lse (say 1e4) loses no precision.
-  float max_l = neg_inf(), sum = 0.f;
-  float acc[kVec];
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
+  // Grid-stride over rows: the host launches at most as many blocks as fit on the GPU at once,
+  // so no block waits for a later wave and the last one ends with the rest.
+  for (int row = blockIdx.x * Cfg::kRows + threadIdx.x / Cfg::kLanes; row < num_rows;
+       row += gridDim.x * Cfg::kRows) {
+    const int n = row / num_heads;
+    const int h = row % num_heads;
 
-  for (int s0 = 0; s0 < num_states; s0 += Cfg::kUnroll) {
-    // Step 1: loads. An empty state's o is copied with the rest but never used (NaN is harmless).
-    float l[Cfg::kUnroll];
+    const float* lse_row = lse + n * l_sn + h * l_sh;                 // [S], stride l_ss (advanced)
+    const T* o_row = o + n * o_sn + h * o_sh + lane * kVec;           // [S][kVec], stride o_ss (advanced)
+
+    // One online pass: for each group of kUnroll states, issue every o copy (cp.async into this
+    // thread's own shared-memory slots, so data in flight costs no registers and occupancy stays
+    // full) and every lse load first, one memory round trip per group; then fold the group into a
+    // running (max, sum, acc).
+    // The running maximum stays in natural-log units: differences of nearby lse values are exact
+    // (Sterbenz) before the scale to base 2, so large lse (say 1e4) loses no precision.
+    float max_l = neg_inf(), sum = 0.f;
+    float acc[kVec];
 #pragma unroll
-    for (int u = 0; u < Cfg::kUnroll; ++u) {
-      const int s = s0 + u;
-      if (s < num_states) cp_async_16(smem_addr(&slots[u][threadIdx.x]), o_row, 16);
-      o_row += o_ss;
-    }
-    cp_async_commit();
+    for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
+
+    for (int s0 = 0; s0 < num_states; s0 += Cfg::kUnroll) {
+      // Step 1: loads. An empty state's o is copied with the rest but never used (NaN is harmless).
+      float l[Cfg::kUnroll];
 #pragma unroll
-    for (int u = 0; u < Cfg::kUnroll; ++u) {
-      const int s = s0 + u;
-      l[u] = s < num_states ? *lse_row : neg_inf();
-      lse_row += l_ss;
-    }
-    cp_async_wait<0>();  // each thread reads back only its own slots: no barrier needed
-    // Step 2: rescale what is held to the group's new maximum, then add the group.
-    float group_max = max_l;
-#pragma unroll
-    for (int u = 0; u < Cfg::kUnroll; ++u) group_max = fmaxf(group_max, l[u]);
-    if (group_max == neg_inf()) continue;  // all empty so far
-    const float rescale = fast_exp2((max_l - group_max) * kLog2e);
-    sum *= rescale;
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) acc[i] *= rescale;
-#pragma unroll
-    for (int u = 0; u < Cfg::kUnroll; ++u) {
-      if (l[u] != neg_inf()) {
-        const float w = fast_exp2((l[u] - group_max) * kLog2e);
-        float f[kVec];
-        vec_to_float<T>(slots[u][threadIdx.x], f);
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[i] = fmaf(w, f[i], acc[i]);
-        sum += w;
+      for (int u = 0; u < Cfg::kUnroll; ++u) {
+        const int s = s0 + u;
+        if (s < num_states) cp_async_16(smem_addr(&slots[u][threadIdx.x]), o_row, 16);
+        o_row += o_ss;
       }
-    }
-    max_l = group_max;
-  }
-
-  // Step 3: normalise and store; an empty row stores o = 0 and lse = -inf.
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      cp_async_commit();
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) acc[i] *= inv;
-  store_vec<TOut>(o_out + n * oo_sn + h * oo_sh + lane * kVec, acc);
-  if (lane == 0) lse_out[n * lo_sn + h * lo_sh] = (sum > 0.f ? max_l + fast_log2(sum) * kLn2 : neg_inf());
+      for (int u = 0; u < Cfg::kUnroll; ++u) {
+        const int s = s0 + u;
+        l[u] = s < num_states ? *lse_row : neg_inf();
+        lse_row += l_ss;
+      }
+      cp_async_wait<0>();  // each thread reads back only its own slots: no barrier needed
+      // Step 2: rescale what is held to the group's new maximum, then add the group.
+      float group_max = max_l;
+#pragma unroll
+      for (int u = 0; u < Cfg::kUnroll; ++u) group_max = fmaxf(group_max, l[u]);
+      if (group_max == neg_inf()) continue;  // all empty so far
+      const float rescale = fast_exp2((max_l - group_max) * kLog2e);
+      sum *= rescale;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] *= rescale;
+#pragma unroll
+      for (int u = 0; u < Cfg::kUnroll; ++u) {
+        if (l[u] != neg_inf()) {
+          const float w = fast_exp2((l[u] - group_max) * kLog2e);
+          float f[kVec];
+          vec_to_float<T>(slots[u][threadIdx.x], f);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) acc[i] = fmaf(w, f[i], acc[i]);
+          sum += w;
+        }
+      }
+      max_l = group_max;
+    }
+
+    // Step 3: normalise and store; an empty row stores o = 0 and lse = -inf.
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) acc[i] *= inv;
+    store_vec<TOut>(o_out + n * oo_sn + h * oo_sh + lane * kVec, acc);
+    if (lane == 0) lse_out[n * lo_sn + h * lo_sh] = (sum > 0.f ? max_l + fast_log2(sum) * kLn2 : neg_inf());
+  }
 }
 
 }  // namespace ft

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from .cache import cache_dir, entries, load_or_compile
 from .nvrtc import CompileError, CompiledKernel, Resources, nvrtc_version
-from .runtime import check_toolchain, compiled, device_arch, get_kernel, param_layout
+from .runtime import check_toolchain, compiled, device_arch, get_kernel, num_sms, param_layout
 from .spec import KernelSpec, ctype, short
 
 _shipped: dict[str, Callable[[], Iterable[KernelSpec]]] = {}
@@ -42,6 +42,7 @@ __all__ = [
     "entries",
     "get_kernel",
     "load_or_compile",
+    "num_sms",
     "nvrtc_version",
     "param_layout",
     "register_shipped",

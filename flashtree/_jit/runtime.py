@@ -137,25 +137,43 @@ class LoadedKernel:
         the hot-path form, with no numpy scalar per argument."""
         if smem > self._max_dynamic_smem:
             self._allow_dynamic_smem(smem)
-        params = layout.pack(*args)
-        size = ctypes.c_size_t(len(params))
-        extra = (ctypes.c_void_p * 5)(
-            _CU_LAUNCH_PARAM_BUFFER_POINTER, ctypes.cast(ctypes.c_char_p(params), ctypes.c_void_p),
-            _CU_LAUNCH_PARAM_BUFFER_SIZE, ctypes.addressof(size), _CU_LAUNCH_PARAM_END,
-        )
-        if torch.cuda.current_device() != self.device_index:
+        buffer, extra = _param_buffer(layout)
+        layout.pack_into(buffer, 0, *args)  # the driver copies the parameters during the launch call
+        if _current_device() != self.device_index:
             with torch.cuda.device(self.device_index):  # the module lives in that device's context
                 self._launch(grid, block, smem, extra)
         else:
             self._launch(grid, block, smem, extra)
 
-    def _launch(self, grid, block, smem, extra) -> None:
-        from cupy.cuda import driver
+    def _launch(self, grid, block, smem, extra: int) -> None:
+        _driver().launchKernel(self._function.ptr, *grid, *block, smem, _current_stream(self.device_index), 0, extra)
 
-        driver.launchKernel(
-            self._function.ptr, *grid, *block, smem, _current_stream(self.device_index), 0,
-            ctypes.addressof(extra),
+
+_tls = threading.local()  # one parameter buffer per layout and thread: packing never races a launch
+
+
+def _param_buffer(layout: struct.Struct) -> tuple[ctypes.Array, int]:
+    """(buffer, address of the cuLaunchKernel ``extra`` array pointing at it) for ``layout``."""
+    cache = getattr(_tls, "buffers", None)
+    if cache is None:
+        cache = _tls.buffers = {}
+    entry = cache.get(layout)
+    if entry is None:
+        buffer = ctypes.create_string_buffer(max(1, layout.size))
+        size = ctypes.c_size_t(layout.size)
+        extra = (ctypes.c_void_p * 5)(
+            _CU_LAUNCH_PARAM_BUFFER_POINTER, ctypes.addressof(buffer),
+            _CU_LAUNCH_PARAM_BUFFER_SIZE, ctypes.addressof(size), _CU_LAUNCH_PARAM_END,
         )
+        entry = cache[layout] = (buffer, ctypes.addressof(extra), size, extra)  # keeps size, extra alive
+    return entry[0], entry[1]
+
+
+@functools.cache
+def _driver():
+    from cupy.cuda import driver
+
+    return driver
 
 
 _CU_LAUNCH_PARAM_END, _CU_LAUNCH_PARAM_BUFFER_POINTER, _CU_LAUNCH_PARAM_BUFFER_SIZE = 0, 1, 2
@@ -187,12 +205,27 @@ def param_layout(codes: str) -> struct.Struct:
     return struct.Struct(fmt)
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+
+
 def _current_stream(device_index: int) -> int:
     """torch's current stream on the device, as a raw handle (read on every launch)."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if raw is not None:
-        return raw(device_index)
+    if _raw_stream is not None:
+        return _raw_stream(device_index)
     return torch.cuda.current_stream(device_index).cuda_stream
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """The multiprocessor count of a CUDA device (read once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _sm_counts.get(index)
+    if count is None:
+        count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
 
 
 def get_kernel(spec: KernelSpec, device: torch.device) -> LoadedKernel:

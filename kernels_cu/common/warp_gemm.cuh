@@ -21,31 +21,53 @@ __device__ __forceinline__ void load_a_frag(u32 (&a)[4], const T* tile, int row0
 
 // acc (16 x N) += A (16 x 16, reduction block kk) * B^T, B the rows n0..n0+N-1 of a [rows][D] tile:
 //   acc[m][n] += sum_k A[m][k] * tile[n0 + n][16 kk + k].
-template <int D, int N, typename T>
-__device__ __forceinline__ void mma_abt(float (&acc)[N / 8][4], const u32 (&a)[4], const T* tile, int n0,
-                                        int kk, int lane) {
+// The _mt forms take MT independent 16-row A blocks (a warp owning 16 MT rows) and load each B
+// fragment once for all of them: MT times fewer ldmatrix per mma, MT independent mma chains.
+template <int D, int N, int MT, typename T>
+__device__ __forceinline__ void mma_abt_mt(float (&acc)[MT][N / 8][4], const u32 (&a)[MT][4], const T* tile,
+                                           int n0, int kk, int lane) {
 #pragma unroll
   for (int j2 = 0; j2 < N / 16; ++j2) {
     u32 b[4];
     const int r = n0 + j2 * 16 + (lane % 8) + 8 * (lane / 16);
     ldmatrix_x4(b, smem_addr(tile + SwizzledTile<D>::offset(r, 2 * kk + (lane / 8) % 2)));
-    mma_16816<T>(acc[2 * j2], a, b[0], b[1]);
-    mma_16816<T>(acc[2 * j2 + 1], a, b[2], b[3]);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      mma_16816<T>(acc[mt][2 * j2], a[mt], b[0], b[1]);
+      mma_16816<T>(acc[mt][2 * j2 + 1], a[mt], b[2], b[3]);
+    }
   }
+}
+
+template <int D, int N, typename T>
+__device__ __forceinline__ void mma_abt(float (&acc)[N / 8][4], const u32 (&a)[4], const T* tile, int n0,
+                                        int kk, int lane) {
+  mma_abt_mt<D, N, 1>(reinterpret_cast<float(&)[1][N / 8][4]>(acc), reinterpret_cast<const u32(&)[1][4]>(a),
+                      tile, n0, kk, lane);
 }
 
 // acc (16 x D) += A (16 x 16) * B, B the rows k0..k0+15 of a [rows][D] tile:
 //   acc[m][d] += sum_k A[m][k] * tile[k0 + k][d].
-template <int D, typename T>
-__device__ __forceinline__ void mma_ab(float (&acc)[D / 8][4], const u32 (&a)[4], const T* tile, int k0, int lane) {
+template <int D, int MT, typename T>
+__device__ __forceinline__ void mma_ab_mt(float (&acc)[MT][D / 8][4], const u32 (&a)[MT][4], const T* tile,
+                                          int k0, int lane) {
 #pragma unroll
   for (int dn = 0; dn < D / 16; ++dn) {
     u32 b[4];
     const int r = k0 + (lane % 8) + 8 * ((lane / 8) % 2);
     ldmatrix_x4_trans(b, smem_addr(tile + SwizzledTile<D>::offset(r, 2 * dn + lane / 16)));
-    mma_16816<T>(acc[2 * dn], a, b[0], b[1]);
-    mma_16816<T>(acc[2 * dn + 1], a, b[2], b[3]);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      mma_16816<T>(acc[mt][2 * dn], a[mt], b[0], b[1]);
+      mma_16816<T>(acc[mt][2 * dn + 1], a[mt], b[2], b[3]);
+    }
   }
+}
+
+template <int D, typename T>
+__device__ __forceinline__ void mma_ab(float (&acc)[D / 8][4], const u32 (&a)[4], const T* tile, int k0, int lane) {
+  mma_ab_mt<D, 1>(reinterpret_cast<float(&)[1][D / 8][4]>(acc), reinterpret_cast<const u32(&)[1][4]>(a), tile,
+                  k0, lane);
 }
 
 // Columns 16 kk..16 kk+15 of a 16 x N fp32 accumulator, rounded to T as an A operand.
@@ -57,35 +79,58 @@ __device__ __forceinline__ void acc_to_a(u32 (&a)[4], const float (&c)[NB][4], i
   a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-// One online-softmax step for the two rows (g, g + 8) a lane holds in a 16 x (8 NB) score block
-// (base-2, already scaled and masked with -inf): update the running max and this lane's partial
-// sum, turn the scores into probabilities in place, and rescale what O holds so far.
-// A row with nothing visible yet keeps max = -inf and exponentiates against 0 (exp2 stays finite).
-template <int NB, int DB>
-__device__ __forceinline__ void online_softmax_step(float (&s)[NB][4], float (&row_max)[2], float (&row_sum)[2],
-                                                    float (&o_acc)[DB][4]) {
+// One online-softmax step for the two rows (g, g + 8) a lane holds in a 16 x (8 NB) block of raw
+// scores Q K^T (masked entries already -inf): update the reference maximum (base 2, scaled) and
+// this lane's partial sum, and turn the scores into probabilities exp2(s * scale_log2 - reference)
+// in place: one FFMA per score, the scale folded in (scale_log2 > 0, so the maximum of the raw
+// scores is the maximum of the scaled ones; the host rejects other scales).
+// Lazy rescaling: O (D / 2 multiplies per lane) is rescaled only when a row's maximum exceeds its
+// reference by more than kRescaleSlack, which after the first few tiles is rare. Until then the
+// probabilities stay below 2^kRescaleSlack: harmless in the fp32 sums and in the 16-bit P operand
+// (same relative precision). The state's lse = reference + log2(sum) is exact whichever reference
+// is used. The branch is warp-uniform (__any_sync), so whole warps skip it.
+// A row with nothing visible yet keeps reference -inf and exponentiates against 0 (exp2 stays finite).
+// LAZY = false rescales at every new maximum (slack 0, no vote): for kernels with no registers to spare.
+constexpr float kRescaleSlack = 8.f;
+
+template <bool LAZY = true, int NB, int DB>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NB][4], float scale_log2, float (&row_max)[2],
+                                                    float (&row_sum)[2], float (&o_acc)[DB][4]) {
+  float rescale[2];
+  bool grow_any = false;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float mx = row_max[r];
+    float mx = neg_inf();
 #pragma unroll
     for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-    mx = quad_max(mx);
-    const float base = mx == neg_inf() ? 0.f : mx;
-    const float rescale = fast_exp2(row_max[r] - base);
-    row_max[r] = mx;
+    mx = quad_max(mx) * scale_log2;
+    const bool grow = mx > row_max[r] + (LAZY ? kRescaleSlack : 0.f);  // -inf + slack = -inf: the first visible key sets it
+    rescale[r] = grow ? fast_exp2(row_max[r] - mx) : 1.f;
+    row_max[r] = grow ? mx : row_max[r];
+    grow_any |= grow;
+  }
+  if (!LAZY || __any_sync(0xffffffffu, grow_any)) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      row_sum[r] *= rescale[r];
+#pragma unroll
+      for (int i = 0; i < DB; ++i) {
+        o_acc[i][2 * r] *= rescale[r];
+        o_acc[i][2 * r + 1] *= rescale[r];
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float neg_base = row_max[r] == neg_inf() ? 0.f : -row_max[r];
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
-      s[j][2 * r] = fast_exp2(s[j][2 * r] - base);
-      s[j][2 * r + 1] = fast_exp2(s[j][2 * r + 1] - base);
+      s[j][2 * r] = fast_exp2(fmaf(s[j][2 * r], scale_log2, neg_base));
+      s[j][2 * r + 1] = fast_exp2(fmaf(s[j][2 * r + 1], scale_log2, neg_base));
       sum += s[j][2 * r] + s[j][2 * r + 1];
     }
-    row_sum[r] = row_sum[r] * rescale + sum;
-#pragma unroll
-    for (int i = 0; i < DB; ++i) {
-      o_acc[i][2 * r] *= rescale;
-      o_acc[i][2 * r + 1] *= rescale;
-    }
+    row_sum[r] += sum;
   }
 }
 
