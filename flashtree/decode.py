@@ -77,14 +77,15 @@ _M_TILES_OVERRIDE: int | None = None
 
 
 def m_tiles(rows: int, head_dim: int, block_size: int, paged: bool) -> int:
-    """16-row blocks per warp: 2 (128 query rows per CTA, each K/V fragment feeding two mma chains,
-    half as many CTAs reading each page) for a paged cache whose G * T rows per KV head fill more
-    than one 64-row tile, else 1. Measured on an H200 (benchmarks/NOTES.md, session 3): padded
-    T = 64 rows are 5-7% faster with 1 (three pipeline stages fit), paged ones 4-8% faster with 2."""
-    if _M_TILES_OVERRIDE is not None:
+    """16-row blocks per warp. 1 everywhere: on an H200 (benchmarks/NOTES.md, session 3) two blocks
+    per warp (128 query rows per CTA, each K/V fragment feeding two mma chains) lost 1-7% on the
+    padded T = 64 rows (only two pipeline stages fit) and won 2% on paged ones once the paged
+    loader had its own address paths. ``_M_TILES_OVERRIDE = 2`` selects it for exploration (not
+    shipped: compiled on first use)."""
+    if _M_TILES_OVERRIDE is not None and rows > _ROWS_PER_M_TILE and \
+            _stages_and_smem(head_dim, block_size, _M_TILES_OVERRIDE) is not None:
         return _M_TILES_OVERRIDE
-    two = paged and rows > _ROWS_PER_M_TILE and _stages_and_smem(head_dim, block_size, 2) is not None
-    return 2 if two else 1
+    return 1
 
 
 def spec(dtype: torch.dtype, head_dim: int, block_size: int, paged: bool, warp: int | None = None,
@@ -110,10 +111,9 @@ def _shipped():
         for d in HEAD_DIMS:
             yield merge.spec(torch.float32, d, dtype)  # the combine step
             for bs in BLOCK_SIZES:
-                for tiles in (1, 2):
-                    if _stages_and_smem(d, bs, tiles) is not None:
-                        for paged in (False, True):
-                            yield spec(dtype, d, bs, paged, tiles=tiles)
+                if _stages_and_smem(d, bs) is not None:
+                    for paged in (False, True):
+                        yield spec(dtype, d, bs, paged)
 
 
 _jit.register_shipped("decode", _shipped)
@@ -122,6 +122,7 @@ _jit.register_shipped("decode", _shipped)
 # ---------------------------------------------------------------------------------- planning
 
 
+@functools.lru_cache(maxsize=4096)  # pure function of ints, called on every launch
 def plan_splits(batch: int, num_kv_heads: int, rows: int, max_len: int, block_size: int,
                 num_sms: int, ctas_per_sm: int, max_splits: int | None = None,
                 block_m: int = _ROWS_PER_M_TILE) -> tuple[int, int]:
@@ -379,7 +380,7 @@ def _plan(q, hkv, max_len, block_size, max_splits, paged):
 
 def _run(q, k_cache, v_cache, block_tables, current_k, current_v, mask, kv_seq_len, capacity,
          block_size, max_seq_len_in_batch, output, mid_output, mid_output_lse, sm_scale,
-         hkv, log2_page, return_lse, validate):
+         hkv, log2_page, return_lse, validate, signature=None):
     bsz, h, t, d = q.shape
     mask_u8 = _mask_as_bytes(mask, bsz, t)
     _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, current_k=current_k, current_v=current_v,
@@ -400,6 +401,67 @@ def _run(q, k_cache, v_cache, block_tables, current_k, current_v, mask, kv_seq_l
     scale = _checks.softmax_scale("sm_scale", sm_scale, d)
     max_splits = _check_workspace(q, mid_output, mid_output_lse)
     num_splits, split_len = _plan(q, hkv, max_len, block_size, max_splits, block_tables is not None)
+    plan = (block_size, num_splits, split_len, log2_page, scale, return_lse)
+    if signature is not None:
+        _fast_plans[signature] = plan
+    return _execute(plan, q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv_seq_len,
+                    output, mid_output, mid_output_lse)
+
+
+# Validated calls, by signature: (shape, strides, dtype, device) of every tensor argument and the
+# scalar options. A call whose signature was seen skips validation and planning (they depend on
+# nothing else); only the mask diagonal (cached per mask tensor and version) and the data-pointer
+# alignment (in _launch) are checked again. ~20-30 us less host time per eager call.
+_fast_plans: dict[tuple, tuple] = {}
+
+
+def _signature(tensors, scalars) -> tuple | None:
+    """The fast-path key of an eager CUDA call, or None where the full path must run."""
+    if torch.compiler.is_compiling():
+        return None
+    key = []
+    for x in tensors:
+        if x is None:
+            key.append(None)
+        elif type(x) is torch.Tensor and x.is_cuda:
+            key.append((x.shape, x.stride(), x.dtype, x.get_device()))
+        else:
+            return None  # CPU, DLPack arrays, subclasses (fake tensors): the full path
+    return (*key, *scalars)
+
+
+def _scalars(kind, *options) -> tuple:
+    """The scalar part of a signature: values with their types (True must not pass for 1)."""
+    return (kind, *options, *map(type, options), _M_TILES_OVERRIDE, _WARP_N_OVERRIDE)
+
+
+def _fast_mask_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """_mask_as_bytes for a mask whose dtype and shape a validated signature vouches for."""
+    if mask.dtype == torch.bool:
+        allowed = mask.view(torch.uint8)
+    elif mask.dtype.is_floating_point:
+        allowed = (mask == 0).view(torch.uint8)
+    else:
+        allowed = (mask != 0).view(torch.uint8)
+    return allowed if allowed.dim() == 3 else allowed.unsqueeze(0)
+
+
+def _run_fast(signature, q, k_cache, v_cache, block_tables, current_k, current_v, mask, kv_seq_len,
+              output, mid_output, mid_output_lse):
+    """The call with a seen signature, or None when the full path must run."""
+    plan = _fast_plans.get(signature)
+    if plan is None:
+        return None
+    mask_u8 = _fast_mask_bytes(mask)
+    _check_diagonal(mask, mask_u8)
+    return _execute(plan, q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv_seq_len,
+                    output, mid_output, mid_output_lse)
+
+
+def _execute(plan, q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv_seq_len,
+             output, mid_output, mid_output_lse):
+    block_size, num_splits, split_len, log2_page, scale, return_lse = plan
+    h = q.shape[1]
     output, mid_output, mid_output_lse, lse = _buffers(q, num_splits, output, mid_output, mid_output_lse, return_lse)
     # The combine step writes output as [B * H, T, D] rows with 16-byte vector stores.
     # (Traced code cannot read data pointers; there the eager calls' checks stand.)
@@ -471,6 +533,14 @@ def flash_decoding_attention(q, k_cache, v_cache, current_k, current_v, mask, kv
     Returns:
         output [B, H, T, D] in q's dtype (and lse when return_lse).
     """
+    signature = None if validate else _signature(
+        (q, k_cache, v_cache, current_k, current_v, mask, kv_seq_len, output, mid_output, mid_output_lse),
+        _scalars("padded", block_size, max_seq_len_in_batch, sm_scale, kv_group_num, return_lse))
+    if signature is not None:
+        result = _run_fast(signature, q, k_cache, v_cache, None, current_k, current_v, mask, kv_seq_len,
+                           output, mid_output, mid_output_lse)
+        if result is not None:
+            return result
     names = ("q", "k_cache", "v_cache", "current_k", "current_v", "mask", "kv_seq_len")
     args = [_interop.as_tensor(n, x) for n, x in zip(names, (q, k_cache, v_cache, current_k, current_v, mask, kv_seq_len))]
     q_t, k_cache, v_cache, current_k, current_v, mask, kv_seq_len = args
@@ -479,7 +549,7 @@ def flash_decoding_attention(q, k_cache, v_cache, current_k, current_v, mask, kv
     _check_kv("k_cache", k_cache, "v_cache", v_cache, q_t, (bsz, hkv, None, d), "[B, H / kv_group_num, C, D]")
     result = _run(q_t, k_cache, v_cache, None, current_k, current_v, mask, kv_seq_len, k_cache.shape[2],
                   block_size, max_seq_len_in_batch, output, mid_output, mid_output_lse, sm_scale,
-                  hkv, 0, return_lse, validate)
+                  hkv, 0, return_lse, validate, signature)
     return _returned(q, result, return_lse)
 
 
@@ -494,6 +564,14 @@ def flash_decoding_attention_paged(q, k_pages, v_pages, block_tables, kv_seq_len
         row j % P. block_tables: int32 [B, max_pages]; entries past the last used page are never read.
     Everything else is as in ``flash_decoding_attention`` (the capacity is max_pages * P).
     """
+    signature = None if validate else _signature(
+        (q, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v, mask, output, mid_output, mid_output_lse),
+        _scalars("paged", block_size, max_seq_len_in_batch, sm_scale, kv_group_num, return_lse))
+    if signature is not None:
+        result = _run_fast(signature, q, k_pages, v_pages, block_tables, current_k, current_v, mask, kv_seq_len,
+                           output, mid_output, mid_output_lse)
+        if result is not None:
+            return result
     names = ("q", "k_pages", "v_pages", "block_tables", "kv_seq_len", "current_k", "current_v", "mask")
     args = [_interop.as_tensor(n, x) for n, x in zip(names, (q, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v, mask))]
     q_t, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v, mask = args
@@ -508,5 +586,5 @@ def flash_decoding_attention_paged(q, k_pages, v_pages, block_tables, kv_seq_len
     page = k_pages.shape[2]
     result = _run(q_t, k_pages, v_pages, block_tables, current_k, current_v, mask, kv_seq_len,
                   block_tables.shape[1] * page, block_size, max_seq_len_in_batch, output, mid_output,
-                  mid_output_lse, sm_scale, hkv, int(math.log2(page)), return_lse, validate)
+                  mid_output_lse, sm_scale, hkv, int(math.log2(page)), return_lse, validate, signature)
     return _returned(q, result, return_lse)

@@ -198,6 +198,24 @@ tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
       }
       return;
     }
+    if (2 * kRowStep <= (1 << log2_page)) {
+      // Pages shorter than the tile (which starts on a page boundary), each holding whole pairs
+      // of this thread's rows: rows r and r + kRowStep (r mod 2 kRowStep < kRowStep) share a
+      // page, so one lookup and one page address serve both.
+#pragma unroll 2
+      for (int r = tid / Cfg::kChunks; r < BLOCK_N; r += 2 * kRowStep) {
+        const int key = tile_start + r, row = key & ((1 << log2_page) - 1), page = pages[r >> log2_page];
+        const T* kp = k_addr.row_ptr(page, row);
+        const T* vp = v_addr.row_ptr(page, row);
+        cp_async_16(smem_addr(sk + Tile::offset(r, chunk)), kp, key < key_end ? 16 : 0);
+        cp_async_16(smem_addr(sv + Tile::offset(r, chunk)), vp, key < key_end ? 16 : 0);
+        const int bytes2 = key + kRowStep < key_end ? 16 : 0;
+        cp_async_16(smem_addr(sk + Tile::offset(r + kRowStep, chunk)), kp + kRowStep * k_addr.st, bytes2);
+        cp_async_16(smem_addr(sv + Tile::offset(r + kRowStep, chunk)), vp + kRowStep * v_addr.st, bytes2);
+      }
+      return;
+    }
+    // Pages shorter than two of this thread's row steps: row by row.
     int ring_entry = -1, page = 0;
 #pragma unroll 2
     for (int r = tid / Cfg::kChunks; r < BLOCK_N; r += kRowStep) {

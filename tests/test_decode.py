@@ -254,7 +254,7 @@ def test_head_dim_256(block_size, gen):
 @pytest.mark.gpu
 @pytest.mark.parametrize("page", [8, 16, 32, 64, 256])
 @pytest.mark.parametrize("block_size", [32, 64, 128])
-@pytest.mark.parametrize("t", [11, 37])  # 44 and 148 query rows per KV head: one and two 16-row blocks per warp
+@pytest.mark.parametrize("t", [11, 37])  # 44 and 148 query rows per KV head: one and three row tiles
 def test_paged_kernel(page, block_size, t, gen):
     lens = [523, 0, 64, 1]
     q, kc, vc, ck, cv, mask, lens_t = make_case(4, 8, 4, t, 523, 128, torch.bfloat16, "cuda", gen, lens=lens)
@@ -277,6 +277,16 @@ def test_sharp_growing_scores(t, gen):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page", [8, 16, 32, 64])
+def test_paged_kernel_head_dim_64(page, gen):
+    """D = 64 copies 16 rows per thread step: every page-walking path of the loader (row by row,
+    row pairs, one page per tile) at a 128-key tile."""
+    lens = [700, 3, 0]
+    q, kc, vc, ck, cv, mask, lens_t = make_case(3, 8, 4, 37, 700, 64, torch.float16, "cuda", gen, lens=lens)
+    check_gpu(q, kc, vc, ck, cv, mask, lens_t, 4, 128, f"paged D=64 P={page}", paged=paginate(kc, vc, lens, page, gen))
+
+
+@pytest.mark.gpu
 def test_mqa_noncontiguous_and_large_splits(gen):
     b, h, t, c, d = 2, 8, 5, 5000, 128
     q, kc, vc, ck, cv, mask, lens = make_case(b, h, h, t, c, d, torch.float16, "cuda", gen, lens=[4999, 3001])
@@ -295,6 +305,24 @@ def test_workspace_larger_than_the_splits_used(gen):
     check_gpu(q, kc, vc, ck, cv, mask, lens, 4, 64, "S_max 16", mid_output=mo, mid_output_lse=ml,
               max_seq_len_in_batch=200)
     assert torch.isnan(mo[..., 4:, :]).all()  # states past the plan's 4 splits are never written
+
+
+@pytest.mark.gpu
+def test_repeated_signature_still_checks_values_and_options(gen):
+    """A call whose shapes, strides and options were validated before skips validation; what its
+    signature does not vouch for is still checked: the mask diagonal, option types, new shapes."""
+    q, kc, vc, ck, cv, mask, lens = make_case(2, 8, 4, 6, 300, 128, torch.bfloat16, "cuda", gen, lens=[300, 5])
+    first = flashtree.flash_decoding_attention(q, kc, vc, ck, cv, mask, lens, 64, None, None, None, None, 1, 4)
+    again = flashtree.flash_decoding_attention(q, kc, vc, ck, cv, mask, lens, 64, None, None, None, None, 1, 4)
+    assert torch.equal(first, again)
+    blocked = mask.clone()
+    blocked[3, 3] = False
+    with pytest.raises(ValueError, match=r"mask: expected every row to allow its own token, got mask\[3, 3\]"):
+        flashtree.flash_decoding_attention(q, kc, vc, ck, cv, blocked, lens, 64, None, None, None, None, 1, 4)
+    with pytest.raises(ValueError, match="sm_scale: expected None or a positive finite float, got True"):
+        flashtree.flash_decoding_attention(q, kc, vc, ck, cv, mask, lens, 64, None, None, None, None, True, 4)
+    with pytest.raises(ValueError, match="current_k: expected shape"):
+        flashtree.flash_decoding_attention(q, kc, vc, ck[:, :, :5], cv, mask, lens, 64, None, None, None, None, 1, 4)
 
 
 @pytest.mark.gpu
