@@ -9,6 +9,7 @@ from . import reference  # noqa: E402
 from .decode import flash_decoding_attention, flash_decoding_attention_paged  # noqa: E402
 from .deft import deft_attention, deft_plan  # noqa: E402
 from .dfs import tree_attention  # noqa: E402
+from . import kvcache  # noqa: E402,F401  (registers the commit kernels' shipped specs)
 from .merge import merge_state, merge_states  # noqa: E402
 
 __all__ = [
