@@ -5,6 +5,7 @@
   python benchmarks/diag.py variants                        time decode variants on the verify rows
   python benchmarks/diag.py mergevariants                   merge vs FlashInfer, eager and graph
   python benchmarks/diag.py overhead                        eager vs CUDA-graph time: the host's share
+  python benchmarks/diag.py deft_host                       deft_attention eager vs graph, host profile
   python benchmarks/diag.py hostprofile                     cProfile of the host path of tiny calls
 """
 import sys
@@ -144,6 +145,33 @@ def hostprofile():
         pstats.Stats(prof).sort_stats("tottime").print_stats(22)
 
 
+def deft_host():
+    """deft_attention on a small shared-prefix tree: eager vs CUDA-graph time, and a host profile."""
+    import cProfile
+    import pstats
+
+    from flashtree import deft
+    from flashtree.bench.timing import bench
+    from flashtree.kvcache import TreeKVCache
+    c = TreeKVCache(1, 512, 8, 128, page_size=16, dtype=torch.bfloat16, device="cuda")
+    kv = lambda n: (torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16),) * 2  # noqa: E731
+    root = c.create_root(None, *kv(1024))
+    for leaf in c.fork(root, 32):
+        c.append(leaf, None, *kv(1))
+    plan = deft.deft_plan(c, 32)
+    q = torch.randn(plan.num_queries, 32, 128, device="cuda", dtype=torch.bfloat16)
+    fn = lambda: deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)  # noqa: E731
+    print(f"eager {bench(fn, warmup=10, iters=100).median_us:.1f} us, "
+          f"graph {bench(fn, warmup=10, iters=100, graph=True).median_us:.1f} us")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+
+
 def merge(n, s):
     o = torch.randn(n, s, 32, 128, device="cuda", dtype=torch.bfloat16)
     lse = torch.randn(n, s, 32, device="cuda")
@@ -154,4 +182,4 @@ def merge(n, s):
 
 if __name__ == "__main__":
     {"decode": decode, "merge": merge, "variants": variants, "mergevariants": mergevariants, "overhead": overhead,
-     "hostprofile": hostprofile}[sys.argv[1]](*map(int, sys.argv[2:]))
+     "hostprofile": hostprofile, "deft_host": deft_host}[sys.argv[1]](*map(int, sys.argv[2:]))

@@ -35,6 +35,7 @@ device buffer and grid are baked into the graph, so a new tree needs a new plan 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -59,12 +60,14 @@ def _smem_bytes(head_dim: int) -> int:
     return 2 * BLOCK_M * head_dim + 2 * (2 * 2 * BLOCK_N * head_dim + BLOCK_N * 16)
 
 
+@functools.lru_cache(maxsize=None)  # called on every launch: build each spec once
 def spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
     return _jit.KernelSpec(family="deft", kernel="ft::deft_partial_kernel",
                            template_args=(_jit.ctype(dtype), head_dim),
                            name=f"deft_partial_{_jit.short(dtype)}_d{head_dim}")
 
 
+@functools.lru_cache(maxsize=None)
 def merge_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
     return _jit.KernelSpec(family="deft", kernel="ft::deft_merge_kernel",
                            template_args=(_jit.ctype(dtype), head_dim),
@@ -352,39 +355,37 @@ def workspace_shape(plan: DeftPlan) -> tuple[tuple[int, int, int], tuple[int, in
 # ------------------------------------------------------------------------------ the op
 
 
-def _ptr(x: torch.Tensor, elem_offset: int = 0):
-    return np.uint64(x.data_ptr() + elem_offset * x.element_size())
+_LOG2E = math.log2(math.e)
+# deft_partial_kernel: q (pointer, 2 strides), k and v pools (pointer, 3 strides each), log2 page,
+# six plan arrays, mid_o, mid_lse, num_heads, group, the base-2 scale.
+_PARTIAL_PARAMS = _jit.param_layout("Qqq Qqqq Qqqq i QQQQQQ QQ ii f")
+# deft_merge_kernel: mid_o, mid_lse, q_indptr, slot_idx, out (pointer, 2 strides), lse, Q, H.
+_MERGE_PARAMS = _jit.param_layout("QQQQ Qqq Q ii")
 
 
 def _launch(q, k_pool, v_pool, plan, mid_o, mid_lse, out, lse, scale):
     nq, h, d = q.shape
     if plan.num_work == 0 or nq == 0:
         return
-    meta = plan.meta
-    at = lambda name: _ptr(meta, plan.offsets[name])  # noqa: E731
-    i64 = np.int64
-    kernel = _jit.get_kernel(spec(q.dtype, d), q.device)
-    kernel(
-        (plan.num_work, plan.num_kv_heads, 1), (128, 1, 1),
+    base, size = plan.meta.data_ptr(), plan.meta.element_size()
+    at = lambda name: base + plan.offsets[name] * size  # noqa: E731
+    _jit.get_kernel(spec(q.dtype, d), q.device).launch(
+        (plan.num_work, plan.num_kv_heads, 1), (128, 1, 1), _PARTIAL_PARAMS,
         (
-            _ptr(q), i64(q.stride(0)), i64(q.stride(1)),
-            _ptr(k_pool), i64(k_pool.stride(0)), i64(k_pool.stride(1)), i64(k_pool.stride(2)),
-            _ptr(v_pool), i64(v_pool.stride(0)), i64(v_pool.stride(1)), i64(v_pool.stride(2)),
-            np.int32(int(math.log2(plan.page_size))),
+            q.data_ptr(), *q.stride()[:2],
+            k_pool.data_ptr(), *k_pool.stride()[:3],
+            v_pool.data_ptr(), *v_pool.stride()[:3],
+            plan.page_size.bit_length() - 1,
             at("tokens"), at("chunks"), at("work"), at("slot_base"), at("qmask_off"), at("mask"),
-            _ptr(mid_o), _ptr(mid_lse), np.int32(h), np.int32(h // plan.num_kv_heads),
-            np.float32(scale * math.log2(math.e)),
+            mid_o.data_ptr(), mid_lse.data_ptr(), h, h // plan.num_kv_heads, scale * _LOG2E,
         ),
         smem=_smem_bytes(d),
     )
     rows_per_block = _MERGE_THREADS // (d // 4)
-    merge = _jit.get_kernel(merge_spec(q.dtype, d), q.device)
-    merge(
-        (math.ceil(nq * h / rows_per_block), 1, 1), (_MERGE_THREADS, 1, 1),
-        (
-            _ptr(mid_o), _ptr(mid_lse), at("q_indptr"), at("slot_idx"),
-            _ptr(out), i64(out.stride(0)), i64(out.stride(1)), _ptr(lse), np.int32(nq), np.int32(h),
-        ),
+    _jit.get_kernel(merge_spec(q.dtype, d), q.device).launch(
+        ((nq * h + rows_per_block - 1) // rows_per_block, 1, 1), (_MERGE_THREADS, 1, 1), _MERGE_PARAMS,
+        (mid_o.data_ptr(), mid_lse.data_ptr(), at("q_indptr"), at("slot_idx"),
+         out.data_ptr(), *out.stride()[:2], lse.data_ptr(), nq, h),
     )
 
 
@@ -445,6 +446,13 @@ def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None
     Returns:
         out [Q, H, D] (and lse). Bitwise deterministic: stage 2 merges in a fixed order.
     """
+    signature = _signature(q, k_pool, v_pool, plan, sm_scale, out, workspace)
+    if signature is not None and signature in _validated:  # seen and checked: freshness and alignment
+        plan.check_fresh()
+        if workspace is not None:
+            for name, x in (("workspace[0]", workspace[0]), ("workspace[1]", workspace[1])):
+                _checks.fp32_workspace(name, x, q.device)
+        return _run(q, k_pool, v_pool, q, plan, _validated[signature], out, workspace, return_lse)
     q_t, k_t, v_t = (_interop.as_tensor(n, x) for n, x in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)))
     _check(q_t, k_t, v_t, plan, out, workspace)
     scale = _checks.softmax_scale("sm_scale", sm_scale, q_t.shape[2])
@@ -455,6 +463,35 @@ def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None
             out.copy_(o)
             o = out
         return (o, lse) if return_lse else o
+    if signature is not None:
+        _validated[signature] = scale
+    return _run(q_t, k_t, v_t, q, plan, scale, out, workspace, return_lse)
+
+
+# Validated CUDA calls, by signature: (shape, strides, dtype, device) of every tensor, the plan's
+# shape fields and the options. A call whose signature was seen skips _check (it depends on nothing
+# else); the plan's freshness and the data-pointer alignment are checked on every call.
+_validated: dict[tuple, float] = {}
+
+
+def _signature(q, k_pool, v_pool, plan, sm_scale, out, workspace) -> tuple | None:
+    if torch.compiler.is_compiling() or not isinstance(plan, DeftPlan):
+        return None
+    tensors = (q, k_pool, v_pool, out, *(workspace if isinstance(workspace, (tuple, list)) else (workspace,)))
+    key = []
+    for x in tensors:
+        if x is None:
+            key.append(None)
+        elif type(x) is torch.Tensor and x.is_cuda:
+            key.append((x.shape, x.stride(), x.dtype, x.get_device()))
+        else:
+            return None  # CPU, DLPack arrays, subclasses, malformed workspaces: the full path
+    return (*key, len(tensors), plan.num_queries, plan.num_heads, plan.head_dim, plan.num_pages,
+            plan.num_kv_heads, plan.page_size, plan.meta.get_device(), sm_scale, type(sm_scale))
+
+
+def _run(q_t, k_t, v_t, q, plan, scale, out, workspace, return_lse):
+    """The CUDA call on validated arguments (q: the caller's array, for CuPy in, CuPy out)."""
     result = out if out is not None else torch.empty_like(q_t, memory_format=torch.contiguous_format)
     # stage 2 stores 4 elements (8 bytes) per thread: rows must be 8-byte aligned
     direct = result.data_ptr() % 8 == 0 and result.stride(0) % 4 == 0 and result.stride(1) % 4 == 0

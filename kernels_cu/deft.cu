@@ -17,7 +17,10 @@
 //   grid = (num_work, Hkv), 128 threads = 4 warps. A tile with R rows uses warps_m = 1, 2 or 4
 //   warps across rows (16 rows each) and warps_n = 4 / warps_m warps across the keys of each KV
 //   tile, so a chunk seen by one query (R = G rows) still keeps 4 warps busy; the warps_n states
-//   of a row are merged through shared memory at the end.
+//   of a row are merged through shared memory at the end. Q fragments are re-read from shared
+//   memory at every step, so the registers hold O and the lazy-rescale state (warp_gemm.cuh); a
+//   KV tile whose keys every query of the chunk sees (the shared prefix) skips the per-score
+//   visibility test (one __syncthreads_and per tile decides).
 //   Shared memory: Q [64][D] + 2 stages x (K [64][D] + V [64][D] + records [64][16 B]), 16-bit
 //   rows XOR-swizzled; bytes = 2 * 64 * D + 2 * (2 * 2 * 64 * D + 64 * 16) (the host: same formula).
 //   K/V rows arrive by cp.async through the page table, double-buffered.
@@ -142,11 +145,6 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   const int g = lane / 4, c4 = lane % 4;
   const int warp_row0 = wm * 16;
   const bool warp_active = warp_row0 < rows_here;
-  u32 q_frag[D / 16][4];
-  if (warp_active) {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D>(q_frag[kk], smem_q, warp_row0, kk, lane);
-  }
   float o_acc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
@@ -166,10 +164,19 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
     if (it + 1 < num_tiles) load_kv(stage ^ 1, tile_start + Cfg::kBlockN);
     cp_async_commit();
     cp_async_wait<1>();
-    __syncthreads();
     const T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
     const T* sv = sk + Cfg::kTileElems;
     const DeftToken* srec = smem_rec + stage * Cfg::kBlockN;
+    // A full tile: every key visible to every query of the chunk (a shared prefix, say), so no
+    // per-score test. Thread tid < 64 reads the record it copied itself (landed after its wait);
+    // the barrier that publishes the tile also ANDs the verdicts. Keys past tok_end were
+    // zero-filled (q_lo = q_hi = 0), which fails the test.
+    bool visible_to_all = true;
+    if (tid < Cfg::kBlockN) {
+      const DeftToken rec = srec[tid];
+      visible_to_all = rec.q_lo <= ch.q0 && ch.q1 <= rec.q_hi && rec.mask_col < 0;
+    }
+    const bool full = __syncthreads_and(visible_to_all);
 
     if (warp_active) {
 #pragma unroll 1
@@ -179,11 +186,15 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 #pragma unroll
         for (int j = 0; j < 2; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) mma_abt<D, 16>(s, q_frag[kk], sk, kb, kk, lane);
+        for (int kk = 0; kk < D / 16; ++kk) {  // Q fragments re-read from shared memory: registers go to the lazy rescale
+          u32 a[4];
+          load_a_frag<D>(a, smem_q, warp_row0, kk, lane);
+          mma_abt<D, 16>(s, a, sk, kb, kk, lane);
+        }
 
         // Step 4b: keys this row's query does not see become -inf (the softmax step scales).
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
+        for (int j = 0; j < 2 && !full; ++j) {
 #pragma unroll
           for (int e2 = 0; e2 < 2; ++e2) {
             const DeftToken rec = srec[kb + 8 * j + 2 * c4 + e2];
@@ -197,7 +208,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
         }
 
         // Step 4c: online softmax (rows g and g + 8), rescaling what O holds so far.
-        online_softmax_step</*LAZY=*/false>(s, scale_log2, row_max, row_sum, o_acc);  // Q fragments leave no registers for the vote
+        online_softmax_step(s, scale_log2, row_max, row_sum, o_acc);
 
         // Step 4d: O += P V.
         u32 a[4];

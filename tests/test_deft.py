@@ -345,3 +345,34 @@ def test_shared_prefix_matches_paged_decode_per_branch(gen):
         q[:, :, None], c.k_pools[0], c.v_pools[0], tables, torch.full((b,), n - 1, dtype=torch.int32, device="cuda"),
         ck, cv, torch.ones(1, 1, dtype=torch.bool, device="cuda"), kv_group_num=4)
     torch.testing.assert_close(out, ref[:, :, 0], rtol=0, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_repeated_call_still_checks_freshness_and_workspace_alignment(gen):
+    """The second call with the same signature skips validation; a stale plan and a misaligned
+    workspace (values its signature does not vouch for) still raise."""
+    c = TreeKVCache(1, 64, 2, 64, page_size=16, dtype=torch.float16, device="cuda")
+
+    def kv(n):
+        return (torch.randn(1, n, 2, 64, generator=gen).to("cuda", torch.float16),
+                torch.randn(1, n, 2, 64, generator=gen).to("cuda", torch.float16))
+
+    root = c.create_root(None, *kv(40))
+    leaves = c.fork(root, 3)
+    for leaf in leaves:
+        c.append(leaf, None, *kv(5))
+    plan = deft.deft_plan(c, 4)
+    q = torch.randn(plan.num_queries, 4, 64, device="cuda", dtype=torch.float16)
+    first = deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)
+    again = deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)
+    assert torch.equal(first, again)
+    shape_o, shape_l = deft.workspace_shape(plan)
+    flat = torch.empty(torch.Size(shape_o).numel() + 1, device="cuda")
+    good = (flat[:-1].view(shape_o), torch.empty(shape_l, device="cuda"))
+    deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan, workspace=good)
+    bad = (flat[1:].view(shape_o), good[1])  # same shape and strides, data 4 bytes off
+    with pytest.raises(ValueError, match="workspace\\[0\\]: expected a 16-byte aligned data pointer"):
+        deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan, workspace=bad)
+    c.append(leaves[0], None, *kv(1))
+    with pytest.raises(ValueError, match="plan: expected a plan of the cache's current state"):
+        deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)
