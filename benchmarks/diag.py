@@ -128,28 +128,30 @@ def overhead():
 
 
 def hostprofile():
-    import cProfile
-    import pstats
-
     o = torch.randn(8, 2, 32, 128, device="cuda", dtype=torch.bfloat16)
     lse = torch.randn(8, 2, 32, device="cuda")
     for name, fn in {"merge": lambda: flashtree.merge_states(o, lse), "decode": decode_call(1, 64, 1)}.items():
         fn()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(300):
-            fn()
-        prof.disable()
-        torch.cuda.synchronize()
         print(f"== {name}: 300 calls")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+        _profile(fn, 300, 22)
+
+
+def _profile(fn, calls, rows):
+    """cProfile of ``calls`` eager calls of ``fn``, the ``rows`` most expensive functions by own time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
 
 
 def deft_host():
     """deft_attention on a small shared-prefix tree: eager vs CUDA-graph time, and a host profile."""
-    import cProfile
-    import pstats
-
     from flashtree import deft
     from flashtree.bench.timing import bench
     from flashtree.kvcache import TreeKVCache
@@ -163,13 +165,7 @@ def deft_host():
     fn = lambda: deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)  # noqa: E731
     print(f"eager {bench(fn, warmup=10, iters=100).median_us:.1f} us, "
           f"graph {bench(fn, warmup=10, iters=100, graph=True).median_us:.1f} us")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(300):
-        fn()
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    _profile(fn, 300, 15)
 
 
 def merge(n, s):

@@ -122,3 +122,21 @@ def softmax_scale(name: str, value, head_dim: int) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) < float("inf"):
         raise ValueError(f"{name}: expected None or a positive finite float, got {value!r}")
     return float(value)
+
+
+def call_signature(tensors, scalars) -> tuple | None:
+    """The key under which an eager CUDA call's validation can be remembered: (shape, strides,
+    dtype, device) of each tensor (None stays None) and the scalars; None where the full checks must
+    run (tracing, CPU tensors, DLPack arrays, tensor subclasses such as fake tensors). What the key
+    does not hold (data pointers, tensor values) the caller still checks on every call."""
+    if torch.compiler.is_compiling():
+        return None
+    key = []
+    for x in tensors:
+        if x is None:
+            key.append(None)
+        elif type(x) is torch.Tensor and x.is_cuda:
+            key.append((x.shape, x.stride(), x.dtype, x.get_device()))
+        else:
+            return None
+    return (*key, *scalars)

@@ -415,24 +415,19 @@ def _run(q, k_cache, v_cache, block_tables, current_k, current_v, mask, kv_seq_l
 _fast_plans: dict[tuple, tuple] = {}
 
 
-def _signature(tensors, scalars) -> tuple | None:
-    """The fast-path key of an eager CUDA call, or None where the full path must run."""
-    if torch.compiler.is_compiling():
-        return None
-    key = []
-    for x in tensors:
-        if x is None:
-            key.append(None)
-        elif type(x) is torch.Tensor and x.is_cuda:
-            key.append((x.shape, x.stride(), x.dtype, x.get_device()))
-        else:
-            return None  # CPU, DLPack arrays, subclasses (fake tensors): the full path
-    return (*key, *scalars)
-
-
-def _scalars(kind, *options) -> tuple:
-    """The scalar part of a signature: values with their types (True must not pass for 1)."""
-    return (kind, *options, *map(type, options), _M_TILES_OVERRIDE, _WARP_N_OVERRIDE)
+def _try_fast(kind, tensors, options, validate):
+    """(signature, result): the result of a call whose signature was validated before (else None),
+    and the signature under which the full path remembers its plan (None: do not remember)."""
+    if validate:
+        return None, None
+    # Option values with their types (True must not pass for 1), and the exploration knobs.
+    signature = _checks.call_signature(tensors, (kind, *options, *map(type, options), _M_TILES_OVERRIDE,
+                                                 _WARP_N_OVERRIDE))
+    if signature is None:
+        return None, None
+    q, k, v, block_tables, kv_seq_len, current_k, current_v, mask, output, mid_output, mid_output_lse = tensors
+    return signature, _run_fast(signature, q, k, v, block_tables, current_k, current_v, mask, kv_seq_len,
+                                output, mid_output, mid_output_lse)
 
 
 def _fast_mask_bytes(mask: torch.Tensor) -> torch.Tensor:
@@ -533,14 +528,11 @@ def flash_decoding_attention(q, k_cache, v_cache, current_k, current_v, mask, kv
     Returns:
         output [B, H, T, D] in q's dtype (and lse when return_lse).
     """
-    signature = None if validate else _signature(
-        (q, k_cache, v_cache, current_k, current_v, mask, kv_seq_len, output, mid_output, mid_output_lse),
-        _scalars("padded", block_size, max_seq_len_in_batch, sm_scale, kv_group_num, return_lse))
-    if signature is not None:
-        result = _run_fast(signature, q, k_cache, v_cache, None, current_k, current_v, mask, kv_seq_len,
-                           output, mid_output, mid_output_lse)
-        if result is not None:
-            return result
+    signature, result = _try_fast(
+        "padded", (q, k_cache, v_cache, None, kv_seq_len, current_k, current_v, mask, output, mid_output, mid_output_lse),
+        (block_size, max_seq_len_in_batch, sm_scale, kv_group_num, return_lse), validate)
+    if result is not None:
+        return result
     names = ("q", "k_cache", "v_cache", "current_k", "current_v", "mask", "kv_seq_len")
     args = [_interop.as_tensor(n, x) for n, x in zip(names, (q, k_cache, v_cache, current_k, current_v, mask, kv_seq_len))]
     q_t, k_cache, v_cache, current_k, current_v, mask, kv_seq_len = args
@@ -564,14 +556,12 @@ def flash_decoding_attention_paged(q, k_pages, v_pages, block_tables, kv_seq_len
         row j % P. block_tables: int32 [B, max_pages]; entries past the last used page are never read.
     Everything else is as in ``flash_decoding_attention`` (the capacity is max_pages * P).
     """
-    signature = None if validate else _signature(
-        (q, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v, mask, output, mid_output, mid_output_lse),
-        _scalars("paged", block_size, max_seq_len_in_batch, sm_scale, kv_group_num, return_lse))
-    if signature is not None:
-        result = _run_fast(signature, q, k_pages, v_pages, block_tables, current_k, current_v, mask, kv_seq_len,
-                           output, mid_output, mid_output_lse)
-        if result is not None:
-            return result
+    signature, result = _try_fast(
+        "paged", (q, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v, mask, output, mid_output,
+                  mid_output_lse),
+        (block_size, max_seq_len_in_batch, sm_scale, kv_group_num, return_lse), validate)
+    if result is not None:
+        return result
     names = ("q", "k_pages", "v_pages", "block_tables", "kv_seq_len", "current_k", "current_v", "mask")
     args = [_interop.as_tensor(n, x) for n, x in zip(names, (q, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v, mask))]
     q_t, k_pages, v_pages, block_tables, kv_seq_len, current_k, current_v, mask = args

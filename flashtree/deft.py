@@ -475,19 +475,12 @@ _validated: dict[tuple, float] = {}
 
 
 def _signature(q, k_pool, v_pool, plan, sm_scale, out, workspace) -> tuple | None:
-    if torch.compiler.is_compiling() or not isinstance(plan, DeftPlan):
+    if not isinstance(plan, DeftPlan):
         return None
     tensors = (q, k_pool, v_pool, out, *(workspace if isinstance(workspace, (tuple, list)) else (workspace,)))
-    key = []
-    for x in tensors:
-        if x is None:
-            key.append(None)
-        elif type(x) is torch.Tensor and x.is_cuda:
-            key.append((x.shape, x.stride(), x.dtype, x.get_device()))
-        else:
-            return None  # CPU, DLPack arrays, subclasses, malformed workspaces: the full path
-    return (*key, len(tensors), plan.num_queries, plan.num_heads, plan.head_dim, plan.num_pages,
-            plan.num_kv_heads, plan.page_size, plan.meta.get_device(), sm_scale, type(sm_scale))
+    return _checks.call_signature(tensors, (len(tensors), plan.num_queries, plan.num_heads, plan.head_dim,
+                                            plan.num_pages, plan.num_kv_heads, plan.page_size,
+                                            plan.meta.get_device(), sm_scale, type(sm_scale)))
 
 
 def _run(q_t, k_t, v_t, q, plan, scale, out, workspace, return_lse):
