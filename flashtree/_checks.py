@@ -140,3 +140,11 @@ def call_signature(tensors, scalars) -> tuple | None:
         else:
             return None
     return (*key, *scalars)
+
+
+def remember(memo: dict, key, value, limit: int = 4096) -> None:
+    """memo[key] = value, keeping the memo of validated call signatures bounded: a process that
+    keeps meeting new shapes starts over rather than growing without end."""
+    if len(memo) >= limit:
+        memo.clear()
+    memo[key] = value

@@ -76,7 +76,7 @@ _WARP_N_OVERRIDE: int | None = None
 _M_TILES_OVERRIDE: int | None = None
 
 
-def m_tiles(rows: int, head_dim: int, block_size: int, paged: bool) -> int:
+def m_tiles(rows: int, head_dim: int, block_size: int) -> int:
     """16-row blocks per warp. 1 everywhere: on an H200 (benchmarks/NOTES.md, session 3) two blocks
     per warp (128 query rows per CTA, each K/V fragment feeding two mma chains) lost 1-7% on the
     padded T = 64 rows (only two pipeline stages fit) and won 2% on paged ones once the paged
@@ -219,7 +219,7 @@ def _launch(q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv
     paged = block_tables is not None
     q, k_cache, v_cache, current_k, current_v = map(_checks.aligned_rows, (q, k_cache, v_cache, current_k, current_v))
     rows = h // hkv * t
-    tiles = m_tiles(rows, d, block_size, paged)
+    tiles = m_tiles(rows, d, block_size)
     kernel = _jit.get_kernel(spec(q.dtype, d, block_size, paged, tiles=tiles), q.device)
     _, smem = _stages_and_smem(d, block_size, tiles)
     block_m = _ROWS_PER_M_TILE * tiles
@@ -356,21 +356,12 @@ def _check_workspace(q, mid_output, mid_output_lse):
     return mid_output.shape[3]
 
 
-_props: dict[int, object] = {}
-
-
-def _device_properties(index: int):
-    if index not in _props:
-        _props[index] = torch.cuda.get_device_properties(index)
-    return _props[index]
-
-
-def _plan(q, hkv, max_len, block_size, max_splits, paged):
+def _plan(q, hkv, max_len, block_size, max_splits):
     if q.device.type != "cuda":
         return (1 if max_len > 0 else 0), max(block_size, max_len)
-    props = _device_properties(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    props = _jit.device_properties(q.device.index if q.device.index is not None else torch.cuda.current_device())
     rows = q.shape[1] // hkv * q.shape[2]
-    tiles = m_tiles(rows, q.shape[3], block_size, paged)
+    tiles = m_tiles(rows, q.shape[3], block_size)
     _, smem = _stages_and_smem(q.shape[3], block_size, tiles)
     smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     ctas_per_sm = max(1, min(smem_per_sm // (smem + 1024), 2))  # launch bounds: 2 CTAs per SM
@@ -400,10 +391,10 @@ def _run(q, k_cache, v_cache, block_tables, current_k, current_v, mask, kv_seq_l
             raise ValueError(f"kv_seq_len: expected values in [0, {max_len}], got min {shortest}, max {longest}")
     scale = _checks.softmax_scale("sm_scale", sm_scale, d)
     max_splits = _check_workspace(q, mid_output, mid_output_lse)
-    num_splits, split_len = _plan(q, hkv, max_len, block_size, max_splits, block_tables is not None)
+    num_splits, split_len = _plan(q, hkv, max_len, block_size, max_splits)
     plan = (block_size, num_splits, split_len, log2_page, scale, return_lse)
     if signature is not None:
-        _fast_plans[signature] = plan
+        _checks.remember(_fast_plans, signature, plan)
     return _execute(plan, q, k_cache, v_cache, block_tables, current_k, current_v, mask_u8, kv_seq_len,
                     output, mid_output, mid_output_lse)
 

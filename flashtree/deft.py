@@ -335,16 +335,8 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
         cache=cache, version=cache.version)
 
 
-_sms: dict[int, int] = {}
-
-
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return DEFAULT_SMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sms:
-        _sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sms[index]
+    return _jit.num_sms(device) if device.type == "cuda" else DEFAULT_SMS
 
 
 def workspace_shape(plan: DeftPlan) -> tuple[tuple[int, int, int], tuple[int, int]]:
@@ -464,7 +456,7 @@ def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None
             o = out
         return (o, lse) if return_lse else o
     if signature is not None:
-        _validated[signature] = scale
+        _checks.remember(_validated, signature, scale)
     return _run(q_t, k_t, v_t, q, plan, scale, out, workspace, return_lse)
 
 

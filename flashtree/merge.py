@@ -83,9 +83,10 @@ def launch_raw(device, dtype, out_dtype, shape, o_ptr, o_strides, lse_ptr, lse_s
     kernel = _jit.get_kernel(spec(dtype, d, out_dtype), device)
     lanes, rows = _geometry(dtype, d)
     blocks = (n * h + rows - 1) // rows
-    waves = _max_waves(blocks, s, _jit.num_sms(device) * (_BLOCKS_PER_SM_THREADS // (rows * lanes)))
+    resident = _jit.num_sms(device) * (_BLOCKS_PER_SM_THREADS // (rows * lanes))  # blocks per wave
+    waves = _max_waves(blocks, s, resident)
     if waves is not None:  # blocks stride over the rows: no partial last wave, no relaunches
-        blocks = min(blocks, waves * _jit.num_sms(device) * (_BLOCKS_PER_SM_THREADS // (rows * lanes)))
+        blocks = min(blocks, waves * resident)
     kernel.launch(
         (blocks, 1, 1), (rows * lanes, 1, 1), _PARAMS,
         (o_ptr, lse_ptr, out_ptr, out_lse_ptr, n * h, h, s,

@@ -130,6 +130,35 @@ __device__ __forceinline__ int prev_visible(const int* __restrict__ tiles, int j
   return jk;
 }
 
+// One Q tile of the forward and dQ kernels: Q tile j of head h (CTAs take the tiles from the last
+// backwards), rows [row0, row_end), K tiles first_slot .. j, the start_q range [q_min_s, q_max_s]
+// of its rows. K tile jk holds keys key0(jk) .. key0(jk) + 63.
+struct DfsQTile {
+  int h, hk, j, row0, row_end, first_slot, q_min_s, q_max_s;
+
+  __device__ __forceinline__ DfsQTile(const int* __restrict__ tiles, int num_slots, int num_heads, int group) {
+    h = blockIdx.x % num_heads;
+    hk = h / group;
+    j = num_slots - 1 - static_cast<int>(blockIdx.x / num_heads);
+    const int* meta = tiles + static_cast<i64>(j) * kMeta;
+    row0 = meta[0], row_end = meta[1], first_slot = meta[2];
+    q_min_s = meta[4], q_max_s = meta[5];
+  }
+  __device__ __forceinline__ int key0(int jk) const { return row0 - kTile * (j - jk); }
+  // Every key of an earlier tile jk visible to every row: its smallest end_k covers the largest start_q.
+  __device__ __forceinline__ bool full(const int* __restrict__ tiles, int jk) const {
+    return jk < j && tiles[static_cast<i64>(jk) * kMeta + 6] >= q_max_s;
+  }
+  // cp.async K tile jk and its V tile into one pipeline stage ([K, V][64][D]).
+  template <int D, typename T>
+  __device__ __forceinline__ void load_kv(T* stage_tiles, const T* k, i64 k_sn, i64 k_sh, const T* v, i64 v_sn,
+                                          i64 v_sh, int jk, int tid) const {
+    const int key_end = jk == j ? row_end : key0(jk) + kTile;
+    load_tile<D>(stage_tiles, k, k_sn, k_sh, hk, key0(jk), key_end, tid);
+    load_tile<D>(stage_tiles + DfsConfig<D>::kTileElems, v, v_sn, v_sh, hk, key0(jk), key_end, tid);
+  }
+};
+
 // Store a 16 x D fp32 accumulator row (rows g / g + 8 of the warp) scaled by `mul`, as T.
 template <int D, typename T>
 __device__ __forceinline__ void store_row(T* dst, const float (&acc)[D / 8][4], int r, float mul, int c4) {
@@ -153,21 +182,13 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
   T* smem_kv = smem_q + Cfg::kTileElems;           // [2 stages][K, V][64][D]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c4 = lane % 4;
-  const int h = blockIdx.x % num_heads, hk = h / group;
-  const int j = num_slots - 1 - static_cast<int>(blockIdx.x / num_heads);
 
   // Step 1: this Q tile: rows [row0, row_end), K tiles first_slot..j.
-  const int* meta = tiles + static_cast<i64>(j) * kMeta;
-  const int row0 = meta[0], row_end = meta[1], first_slot = meta[2];
-  const int q_min_s = meta[4], q_max_s = meta[5];
+  const DfsQTile qt(tiles, num_slots, num_heads, group);
+  const int h = qt.h, j = qt.j, row0 = qt.row0, row_end = qt.row_end, first_slot = qt.first_slot;
   if (row0 >= row_end) return;
-
   auto load_kv = [&](int stage, int jk) {
-    const int key0 = row0 - kTile * (j - jk);
-    const int key_end = jk == j ? row_end : key0 + kTile;
-    T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
-    load_tile<D>(sk, k, k_sn, k_sh, hk, key0, key_end, tid);
-    load_tile<D>(sk + Cfg::kTileElems, v, v_sn, v_sh, hk, key0, key_end, tid);
+    qt.load_kv<D>(smem_kv + stage * 2 * Cfg::kTileElems, k, k_sn, k_sh, v, v_sn, v_sh, jk, tid);
   };
 
   // Step 2: Q and the diagonal K/V tile in flight; Q fragments into registers.
@@ -201,14 +222,14 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
   // Step 3: the visible K tiles, from the diagonal backwards; the next one loads during this one.
   int jk = j, stage = 0, count = 0;
   while (jk >= first_slot) {
-    const int jn = prev_visible(tiles, jk, first_slot, q_min_s);
+    const int jn = prev_visible(tiles, jk, first_slot, qt.q_min_s);
     if (jn >= first_slot) load_kv(stage ^ 1, jn);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
     ++count;
-    const int key0 = row0 - kTile * (j - jk);
-    const bool full = jk < j && tiles[static_cast<i64>(jk) * kMeta + 6] >= q_max_s;
+    const int key0 = qt.key0(jk);
+    const bool full = qt.full(tiles, jk);
     const T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
     const T* sv = sk + Cfg::kTileElems;
 
@@ -449,21 +470,13 @@ dfs_bwd_dq_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restri
   T* smem_kv = smem_do + Cfg::kTileElems;          // [2 stages][K, V][64][D]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, c4 = lane % 4;
-  const int h = blockIdx.x % num_heads, hk = h / group;
-  const int j = num_slots - 1 - static_cast<int>(blockIdx.x / num_heads);
 
   // Step 1: this Q tile (as in the forward kernel).
-  const int* meta = tiles + static_cast<i64>(j) * kMeta;
-  const int row0 = meta[0], row_end = meta[1], first_slot = meta[2];
-  const int q_min_s = meta[4], q_max_s = meta[5];
+  const DfsQTile qt(tiles, num_slots, num_heads, group);
+  const int h = qt.h, j = qt.j, row0 = qt.row0, row_end = qt.row_end, first_slot = qt.first_slot;
   if (row0 >= row_end) return;
-
   auto load_kv = [&](int stage, int jk) {
-    const int key0 = row0 - kTile * (j - jk);
-    const int key_end = jk == j ? row_end : key0 + kTile;
-    T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
-    load_tile<D>(sk, k, k_sn, k_sh, hk, key0, key_end, tid);
-    load_tile<D>(sk + Cfg::kTileElems, v, v_sn, v_sh, hk, key0, key_end, tid);
+    qt.load_kv<D>(smem_kv + stage * 2 * Cfg::kTileElems, k, k_sn, k_sh, v, v_sn, v_sh, jk, tid);
   };
 
   // Step 2: Q, dO and the diagonal K/V tile in flight; Q and dO fragments into registers.
@@ -503,13 +516,13 @@ dfs_bwd_dq_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restri
   // Step 3: the visible K tiles, from the diagonal backwards, double-buffered.
   int jk = j, stage = 0;
   while (jk >= first_slot) {
-    const int jn = prev_visible(tiles, jk, first_slot, q_min_s);
+    const int jn = prev_visible(tiles, jk, first_slot, qt.q_min_s);
     if (jn >= first_slot) load_kv(stage ^ 1, jn);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const int key0 = row0 - kTile * (j - jk);
-    const bool full = jk < j && tiles[static_cast<i64>(jk) * kMeta + 6] >= q_max_s;
+    const int key0 = qt.key0(jk);
+    const bool full = qt.full(tiles, jk);
     const T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
     const T* sv = sk + Cfg::kTileElems;
 

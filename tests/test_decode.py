@@ -344,11 +344,8 @@ def test_cuda_graph_capture_with_preallocated_buffers(gen):
     call = lambda: flashtree.flash_decoding_attention(q, kc, vc, ck, cv, mask, lens, 64, None, out, mo, ml, None, 4)  # noqa: E731
     call()  # compile, load and check the mask before capture
     graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
+    with torch.cuda.graph(graph):  # captures on its own side stream
         call()
-    torch.cuda.current_stream().wait_stream(s)
     new = make_case(2, 8, 4, 9, 1000, 128, torch.bfloat16, "cuda", gen, lens=[10, 999])
     for dst, src in zip((q, kc, vc, ck, cv, mask, lens), new):
         dst.copy_(src)

@@ -312,11 +312,8 @@ def test_cuda_graph_capture(gen):
     call = lambda: flashtree.deft_attention(q, c.k_pools[0], c.v_pools[0], plan, out=out, workspace=ws)  # noqa: E731
     call()
     graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.cuda.graph(graph, stream=s):
+    with torch.cuda.graph(graph):  # captures on its own side stream
         call()
-    torch.cuda.current_stream().wait_stream(s)
     q.copy_(torch.randn(q.shape, generator=gen).to("cuda", torch.bfloat16))
     for layer_pool in (c.k_pools[0], c.v_pools[0]):  # new values in the same slots: the plan still holds
         layer_pool.copy_(torch.randn(layer_pool.shape, generator=gen).to("cuda", torch.bfloat16))

@@ -82,16 +82,21 @@ def test_children_table():
 # ------------------------------------------------------------------------------------ acceptance
 
 
+def _root_path(parents, node):
+    """Node ids from the root (0) down to ``node``."""
+    path = [node]
+    while path[-1] != 0:
+        path.append(parents[path[-1]])
+    return path[::-1]
+
+
 def _greedy_reference(tokens, logits, parents):
     """Brute force over every node: the deepest node whose whole path matches (first in path order)."""
     target = logits.argmax(-1).tolist()
     best_len, best_path = 0, [0]
     t = len(parents)
     for leaf in range(t):
-        path = [leaf]
-        while path[-1] != 0:
-            path.append(parents[path[-1]])
-        path = path[::-1]
+        path = _root_path(parents, leaf)
         n = 0
         for k in range(1, len(path)):
             if tokens[path[k]] != target[path[k - 1]]:
@@ -143,10 +148,7 @@ def test_typical_accept_matches_reference(gen):
             return p[tokens[i, node]] > min(eps, alpha * math.exp(-ent))
         best = 0
         for leaf in range(t):
-            path = [leaf]
-            while path[-1] != 0:
-                path.append(parents[path[-1]])
-            path = path[::-1]
+            path = _root_path(parents, leaf)
             n = 0
             while n + 1 < len(path) and ok(path[n + 1]):
                 n += 1

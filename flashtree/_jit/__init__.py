@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from .cache import cache_dir, entries, load_or_compile
 from .nvrtc import CompileError, CompiledKernel, Resources, nvrtc_version
-from .runtime import check_toolchain, compiled, device_arch, get_kernel, num_sms, param_layout
+from .runtime import check_toolchain, compiled, device_arch, device_properties, get_kernel, num_sms, param_layout
 from .spec import KernelSpec, ctype, short
 
 _shipped: dict[str, Callable[[], Iterable[KernelSpec]]] = {}
@@ -39,6 +39,7 @@ __all__ = [
     "compiled",
     "ctype",
     "device_arch",
+    "device_properties",
     "entries",
     "get_kernel",
     "load_or_compile",

@@ -216,16 +216,16 @@ def _current_stream(device_index: int) -> int:
     return torch.cuda.current_stream(device_index).cuda_stream
 
 
-_sm_counts: dict[int, int] = {}
+@functools.cache
+def device_properties(index: int):
+    """torch's properties of CUDA device ``index`` (read once per device)."""
+    return torch.cuda.get_device_properties(index)
 
 
 def num_sms(device: torch.device) -> int:
-    """The multiprocessor count of a CUDA device (read once per device)."""
+    """The multiprocessor count of a CUDA device."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    count = _sm_counts.get(index)
-    if count is None:
-        count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return count
+    return device_properties(index).multi_processor_count
 
 
 def get_kernel(spec: KernelSpec, device: torch.device) -> LoadedKernel:
