@@ -8,12 +8,14 @@ from flashtree.kvcache import TreeKVCache
 
 torch.manual_seed(0)
 dev = "cuda"
-for dtype, d, hkv, h, page in [(torch.bfloat16, 128, 2, 8, 16), (torch.float16, 64, 1, 4, 8)]:
-    c = TreeKVCache(1, 64, hkv, d, page_size=page, dtype=dtype, device=dev)
+# 3 leaves: chunks of up to 28 rows (16- and 32-key steps); 13 leaves: 64-row tiles (64-key steps).
+for dtype, d, hkv, h, page, lens in [(torch.bfloat16, 128, 2, 8, 16, (1, 40, 9)), (torch.float16, 64, 1, 4, 8, (1, 40, 9)),
+                                     (torch.bfloat16, 128, 2, 8, 16, (1, 40, 9) + tuple(range(2, 12)))]:
+    c = TreeKVCache(1, 160, hkv, d, page_size=page, dtype=dtype, device=dev)
     root = c.create_root(None, torch.randn(1, 150, hkv, d, device=dev, dtype=dtype), torch.randn(1, 150, hkv, d, device=dev, dtype=dtype))
-    kids = c.fork(root, 3)
-    for i, kid in enumerate(kids):  # 1, 40 and 9 tokens: one leaf gets a 5-token speculative tail
-        n = (1, 40, 9)[i]
+    kids = c.fork(root, len(lens))
+    for i, kid in enumerate(kids):  # leaf 2 gets a 5-token speculative tail
+        n = lens[i]
         c.append(kid, None, torch.randn(1, n, hkv, d, device=dev, dtype=dtype), torch.randn(1, n, hkv, d, device=dev, dtype=dtype))
     mask = tree.ancestor_mask([-1, 0, 0, 1, 1])
     for chunk_len in (64, None):  # many small chunks spanning nodes, then the automatic length

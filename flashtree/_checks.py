@@ -110,6 +110,11 @@ def aligned16(x: torch.Tensor, dims: Sequence[int]) -> bool:
     """Whether every row that starts at the given dims is 16-byte aligned (vector access)."""
     if x.data_ptr() % 16:
         return x.numel() == 0
+    return strides16(x, dims)
+
+
+def strides16(x: torch.Tensor, dims: Sequence[int]) -> bool:
+    """Whether the strides of the given dims step in multiples of 16 bytes (or do not step)."""
     size, strides, shape = x.element_size(), x.stride(), x.shape
     return all(strides[d] * size % 16 == 0 or shape[d] == 1 for d in dims)
 

@@ -2,7 +2,9 @@
 
 Per decoding step: ``deft_plan(cache, num_qo_heads)`` runs once on the host and moves one int32
 buffer to the GPU; every layer then calls ``deft_attention(q, k_pool, v_pool, plan)`` with no host
-work beyond argument checks (no synchronisation, no allocation when ``out``/``workspace`` are given).
+work beyond argument checks: no synchronisation, and no allocation but the output (none when ``out``
+is given). The fp32 partial states live in the plan's own workspace, allocated on its first call
+on a stream and reused by every layer after it (or in a caller's ``workspace``).
 
 The plan (the flattened tree split):
   1. Leaves in DFS order own consecutive query rows: leaf i has n_i query tokens, the last n_i
@@ -13,7 +15,8 @@ The plan (the flattened tree split):
      (slot, q_lo, q_hi, mask_col); tokens nobody sees are left out.
   3. The list is cut into chunks of ``chunk_len`` tokens; a chunk may span nodes. Its query rows
      are the union [q0, q1) of its tokens' ranges, i.e. G * (q1 - q0) rows for the kernel, in
-     row tiles of 64: one work item per (chunk, row tile), times Hkv KV heads.
+     row tiles of 64: one work item per (chunk, row tile), times Hkv KV heads. Work items are
+     launched longest first (``_work_cost``), all KV heads of one item together.
   4. Stage 2: query q merges the partials of the chunks that contain it, in chunk order.
 
 Chunk length (``choose_chunk_len``): each CTA costs about (L + L0) key loads, L0 = 128 keys for
@@ -30,8 +33,9 @@ Stale plans: a plan records the cache's ``version``; ``deft_attention`` raises i
 changed (a fork, append or prune) since planning. Writing new K/V values into planned slots does
 not change the version. A plan built without a cache (``cache=None`` is not offered) cannot go stale.
 
-CUDA graphs: capture with a fixed plan and preallocated ``out`` and ``workspace``; the plan's
-device buffer and grid are baked into the graph, so a new tree needs a new plan and a new capture.
+CUDA graphs: capture with a fixed plan and a preallocated ``out`` (a capture without ``workspace``
+takes its partial-state buffer from the graph's pool, not the plan's); the plan's device buffer
+and grid are baked into the graph, so a new tree needs a new plan and a new capture.
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ _MERGE_THREADS = 256
 
 
 def _smem_bytes(head_dim: int) -> int:
-    return 2 * BLOCK_M * head_dim + 2 * (2 * 2 * BLOCK_N * head_dim + BLOCK_N * 16)
+    return 2 * BLOCK_M * head_dim + 2 * 2 * 2 * BLOCK_N * head_dim + 3 * BLOCK_N * 16
 
 
 @functools.lru_cache(maxsize=None)  # called on every launch: build each spec once
@@ -108,6 +112,9 @@ class DeftPlan:
     tail_masks: list[np.ndarray | None]       # bool [n_i, n_i] per leaf, None when n_i == 1
     cache: TreeKVCache | None = field(default=None, repr=False)
     version: int = -1
+    # The plan's own fp32 workspace, one per (device, stream) it ran on (deft_attention without
+    # ``workspace=``): every layer of a step reuses it, stream order keeps the uses apart.
+    _workspaces: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def leaf_slots(self) -> list[np.ndarray]:
@@ -130,6 +137,12 @@ class DeftPlan:
     @property
     def device(self) -> torch.device:
         return self.meta.device
+
+    @functools.cached_property
+    def addresses(self) -> dict[str, int]:
+        """The device address of each section of ``meta`` (kernel arguments)."""
+        base, size = self.meta.data_ptr(), self.meta.element_size()
+        return {name: base + start * size for name, start in self.offsets.items()}
 
     def section(self, name: str) -> torch.Tensor:
         """A view of one section of ``meta`` (flat int32)."""
@@ -182,6 +195,16 @@ def choose_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_head
         if length >= n:
             break
     return best[1]
+
+
+def _work_cost(chunks: np.ndarray, work: np.ndarray, group: int) -> np.ndarray:
+    """Relative run time of each work item (chunk, row tile), for launching the longest first (so
+    the last wave holds short CTAs, not one long straggler): KV tiles x (a tile's loads, ~32 keys'
+    worth, + the keys each warp computes: 64 / warps_n, warps_n = 4 / warps_m)."""
+    keys = chunks[work[:, 0], 1] - chunks[work[:, 0], 0]
+    rows = np.minimum(BLOCK_M, (chunks[work[:, 0], 3] - chunks[work[:, 0], 2]) * group - BLOCK_M * work[:, 1])
+    warps_m = np.where(rows <= 16, 1, np.where(rows <= 32, 2, 4))
+    return -(-keys // BLOCK_N) * (32 + 16 * warps_m)
 
 
 def _leaf_counts(leaves, queries_per_leaf) -> list[int]:
@@ -301,6 +324,7 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
     tiles = -(-((q1 - q0) * group) // BLOCK_M)
     work = np.stack([np.repeat(np.arange(len(chunks)), tiles),
                      np.concatenate([np.arange(t) for t in tiles]) if len(tiles) else np.zeros(0, np.int64)], 1)
+    work = work[np.argsort(-_work_cost(chunks, work, group), kind="stable")]
 
     # Step 4: partial slots (chunk-major) and each query's list of them, in chunk order.
     widths = q1 - q0
@@ -344,40 +368,76 @@ def workspace_shape(plan: DeftPlan) -> tuple[tuple[int, int, int], tuple[int, in
     return (plan.num_slots, plan.num_heads, plan.head_dim), (plan.num_slots, plan.num_heads)
 
 
+def _plan_workspace(plan: DeftPlan, device: torch.device) -> tuple[int, int]:
+    """(mid_o, mid_lse) pointers in the plan's own workspace for the current stream: one flat fp32
+    buffer, allocated on the plan's first call on that stream and reused by every later one (the
+    layers of a decoding step run in stream order, so they never overlap). A CUDA-graph capture
+    takes a buffer of its own from the graph's pool instead, so no replay shares it with an eager call."""
+    n_o = plan.num_slots * plan.num_heads * plan.head_dim
+    n_l = plan.num_slots * plan.num_heads
+    if torch.cuda.is_current_stream_capturing():
+        buf = torch.empty(n_o + n_l, dtype=torch.float32, device=device)
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, _jit.current_stream(index))
+        buf = plan._workspaces.get(key)
+        if buf is None:
+            buf = plan._workspaces[key] = torch.empty(n_o + n_l, dtype=torch.float32, device=device)
+    base = buf.data_ptr()
+    return base, base + 4 * n_o  # mid_o [num_slots, H, D] then mid_lse [num_slots, H]; n_o * 4 % 16 == 0
+
+
 # ------------------------------------------------------------------------------ the op
 
 
 _LOG2E = math.log2(math.e)
-# deft_partial_kernel: q (pointer, 2 strides), k and v pools (pointer, 3 strides each), log2 page,
+# deft_partial_kernel: q (pointer, 2 strides), k and v pools (pointer, page stride, int32 head and row
+# strides each), log2 page,
 # six plan arrays, mid_o, mid_lse, num_heads, group, the base-2 scale.
-_PARTIAL_PARAMS = _jit.param_layout("Qqq Qqqq Qqqq i QQQQQQ QQ ii f")
+_PARTIAL_PARAMS = _jit.param_layout("Qqq Qqii Qqii i QQQQQQ QQ ii f")
 # deft_merge_kernel: mid_o, mid_lse, q_indptr, slot_idx, out (pointer, 2 strides), lse, Q, H.
 _MERGE_PARAMS = _jit.param_layout("QQQQ Qqq Q ii")
 
 
-def _launch(q, k_pool, v_pool, plan, mid_o, mid_lse, out, lse, scale):
+@dataclass(frozen=True)
+class _Validated:
+    """What a validated call signature fixes: the scale, the two loaded kernels, and whether the
+    q/k/v row strides are 16-byte multiples (then only the data pointers need checking per call)."""
+
+    scale: float
+    partial: _jit.runtime.LoadedKernel
+    merge: _jit.runtime.LoadedKernel
+    strides_aligned: bool
+
+
+def _validated_entry(q, k_pool, v_pool, scale) -> _Validated:
+    d = q.shape[2]
+    return _Validated(scale, _jit.get_kernel(spec(q.dtype, d), q.device), _jit.get_kernel(merge_spec(q.dtype, d), q.device),
+                      all(_checks.strides16(x, range(x.dim() - 1)) for x in (q, k_pool, v_pool)))
+
+
+def _launch(q, k_pool, v_pool, plan, entry: _Validated, mid_o: int, mid_lse: int, out, lse: int):
+    """Both stages on the current stream; mid_o, mid_lse and lse are data pointers (lse 0: not stored)."""
     nq, h, d = q.shape
     if plan.num_work == 0 or nq == 0:
         return
-    base, size = plan.meta.data_ptr(), plan.meta.element_size()
-    at = lambda name: base + plan.offsets[name] * size  # noqa: E731
-    _jit.get_kernel(spec(q.dtype, d), q.device).launch(
-        (plan.num_work, plan.num_kv_heads, 1), (128, 1, 1), _PARTIAL_PARAMS,
+    at = plan.addresses.__getitem__
+    entry.partial.launch(
+        (plan.num_work * plan.num_kv_heads, 1, 1), (128, 1, 1), _PARTIAL_PARAMS,
         (
             q.data_ptr(), *q.stride()[:2],
             k_pool.data_ptr(), *k_pool.stride()[:3],
             v_pool.data_ptr(), *v_pool.stride()[:3],
             plan.page_size.bit_length() - 1,
             at("tokens"), at("chunks"), at("work"), at("slot_base"), at("qmask_off"), at("mask"),
-            mid_o.data_ptr(), mid_lse.data_ptr(), h, h // plan.num_kv_heads, scale * _LOG2E,
+            mid_o, mid_lse, h, h // plan.num_kv_heads, entry.scale * _LOG2E,
         ),
         smem=_smem_bytes(d),
     )
     rows_per_block = _MERGE_THREADS // (d // 4)
-    _jit.get_kernel(merge_spec(q.dtype, d), q.device).launch(
+    entry.merge.launch(
         ((nq * h + rows_per_block - 1) // rows_per_block, 1, 1), (_MERGE_THREADS, 1, 1), _MERGE_PARAMS,
-        (mid_o.data_ptr(), mid_lse.data_ptr(), at("q_indptr"), at("slot_idx"),
-         out.data_ptr(), *out.stride()[:2], lse.data_ptr(), nq, h),
+        (mid_o, mid_lse, at("q_indptr"), at("slot_idx"), out.data_ptr(), *out.stride()[:2], lse, nq, h),
     )
 
 
@@ -400,6 +460,9 @@ def _check(q, k_pool, v_pool, plan, out, workspace):
     _checks.same_dtype("v_pool", v_pool, "q", q)
     for name, x in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
         _checks.last_dim_contiguous(name, x)
+    for name, x in (("k_pool", k_pool), ("v_pool", v_pool)):
+        if max(x.stride()[1:3]) >= 2**31:
+            raise ValueError(f"{name}: expected head and row strides below 2**31 elements, got strides {x.stride()}")
     _checks.same_device(q=q, k_pool=k_pool, v_pool=v_pool, plan=plan.meta)
     if q.device.type == "cuda":
         _checks.dtype_in("q", q, DTYPES)
@@ -431,8 +494,9 @@ def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None
         plan: from ``deft_plan`` for the cache's current tree (checked: a stale plan raises).
         sm_scale: default 1 / sqrt(D).
         out: optional [Q, H, D] in q's dtype, written in place.
-        workspace: optional (mid_o, mid_lse) fp32 of ``workspace_shape(plan)``; with ``out`` and
-            ``workspace`` given only the [Q, H] lse is allocated (CUDA-graph capture works).
+        workspace: optional (mid_o, mid_lse) fp32 of ``workspace_shape(plan)``; by default the
+            plan's own (one per stream, kept as long as the plan). With ``out`` given nothing is
+            allocated but the lse when ``return_lse``.
         return_lse: also return lse [Q, H] fp32 (natural log).
 
     Returns:
@@ -455,15 +519,16 @@ def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None
             out.copy_(o)
             o = out
         return (o, lse) if return_lse else o
+    entry = _validated_entry(q_t, k_t, v_t, scale)
     if signature is not None:
-        _checks.remember(_validated, signature, scale)
-    return _run(q_t, k_t, v_t, q, plan, scale, out, workspace, return_lse)
+        _checks.remember(_validated, signature, entry)
+    return _run(q_t, k_t, v_t, q, plan, entry, out, workspace, return_lse)
 
 
 # Validated CUDA calls, by signature: (shape, strides, dtype, device) of every tensor, the plan's
 # shape fields and the options. A call whose signature was seen skips _check (it depends on nothing
 # else); the plan's freshness and the data-pointer alignment are checked on every call.
-_validated: dict[tuple, float] = {}
+_validated: dict[tuple, _Validated] = {}
 
 
 def _signature(q, k_pool, v_pool, plan, sm_scale, out, workspace) -> tuple | None:
@@ -475,18 +540,20 @@ def _signature(q, k_pool, v_pool, plan, sm_scale, out, workspace) -> tuple | Non
                                             plan.meta.get_device(), sm_scale, type(sm_scale)))
 
 
-def _run(q_t, k_t, v_t, q, plan, scale, out, workspace, return_lse):
+def _run(q_t, k_t, v_t, q, plan, entry: _Validated, out, workspace, return_lse):
     """The CUDA call on validated arguments (q: the caller's array, for CuPy in, CuPy out)."""
-    result = out if out is not None else torch.empty_like(q_t, memory_format=torch.contiguous_format)
+    result = out if out is not None else torch.empty(q_t.shape, dtype=q_t.dtype, device=q_t.device)
     # stage 2 stores 4 elements (8 bytes) per thread: rows must be 8-byte aligned
     direct = result.data_ptr() % 8 == 0 and result.stride(0) % 4 == 0 and result.stride(1) % 4 == 0
-    target = result if direct else torch.empty_like(q_t, memory_format=torch.contiguous_format)
+    target = result if direct else torch.empty(q_t.shape, dtype=q_t.dtype, device=q_t.device)
     if workspace is None:
-        shape_o, shape_l = workspace_shape(plan)
-        workspace = (torch.empty(shape_o, dtype=torch.float32, device=q_t.device),
-                     torch.empty(shape_l, dtype=torch.float32, device=q_t.device))
-    lse = torch.empty(plan.num_queries, plan.num_heads, dtype=torch.float32, device=q_t.device)
-    _launch(_checks.aligned_rows(q_t), _checks.aligned_rows(k_t), _checks.aligned_rows(v_t), plan, workspace[0], workspace[1], target, lse, scale)
+        mid_o, mid_lse = _plan_workspace(plan, q_t.device)
+    else:
+        mid_o, mid_lse = workspace[0].data_ptr(), workspace[1].data_ptr()
+    lse = torch.empty(plan.num_queries, plan.num_heads, dtype=torch.float32, device=q_t.device) if return_lse else None
+    if not entry.strides_aligned or (q_t.data_ptr() | k_t.data_ptr() | v_t.data_ptr()) & 15:
+        q_t, k_t, v_t = (_checks.aligned_rows(x) for x in (q_t, k_t, v_t))  # a misaligned view is copied once
+    _launch(q_t, k_t, v_t, plan, entry, mid_o, mid_lse, target, 0 if lse is None else lse.data_ptr())
     if target is not result:
         result.copy_(target)
     result = _interop.like(q, result)

@@ -16,7 +16,7 @@
 //   once per query head. With M_TILES = 2 (the host's choice when M > 64) each K/V fragment
 //   loaded from shared memory feeds two mma chains: half the ldmatrix traffic per flop.
 //   Each warp: S = Q K^T and O += P V with mma.sync m16n8k16 (fp32 accumulation), online softmax
-//   in base 2 over sub-tiles of kWarpN keys.
+//   in base 2 over sub-tiles of kWarpN keys, the row sums also on the tensor cores (P x 1).
 // Shared memory (16-bit elements): Q [kBlockM][D] + STAGES x (K [BLOCK_N][D] + V [BLOCK_N][D]),
 //   rows XOR-swizzled in 16-byte chunks; K/V tiles arrive by cp.async, STAGES - 1 tiles in flight
 //   while one is computed (the host picks the deepest pipeline with which two CTAs fit an SM).
@@ -267,16 +267,16 @@ tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
     for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D>(q_frag[kk], smem_q, warp_row0, kk, lane);
   }
   float o_acc[MT][D / 8][4];
-  float row_max[MT][2], row_sum[MT][2];  // base-2 running max of rows g, g + 8; this lane's partial sums
+  float row_max[MT][2];  // base-2 running max (reference) of rows g, g + 8
+  float l_acc[MT][4];    // row sums (mma_row_sum): row g in [0], row g + 8 in [2]
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) o_acc[mt][i][0] = o_acc[mt][i][1] = o_acc[mt][i][2] = o_acc[mt][i][3] = 0.f;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_max[mt][r] = neg_inf();
-      row_sum[mt][r] = 0.f;
-    }
+    for (int r = 0; r < 2; ++r) row_max[mt][r] = neg_inf();
+#pragma unroll
+    for (int e = 0; e < 4; ++e) l_acc[mt][e] = 0.f;
   }
 
   // Step 4: the KV loop, one BLOCK_N tile per iteration.
@@ -363,15 +363,18 @@ tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
             }
           }
           // Step 4c: online softmax (rows g and g + 8), rescaling what O holds so far.
-          online_softmax_step(s[mt], scale_log2, row_max[mt], row_sum[mt], o_acc[mt]);
+          online_softmax_step(s[mt], scale_log2, row_max[mt], l_acc[mt], o_acc[mt]);
         }
 
-        // Step 4d: O += P V, P re-packed from the S accumulators as 16-bit A fragments.
+        // Step 4d: O += P V and l += P 1, P re-packed from the S accumulators as 16-bit A fragments.
 #pragma unroll
         for (int kk = 0; kk < Cfg::kWarpN / 16; ++kk) {
           u32 a[MT][4];
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) acc_to_a<T>(a[mt], s[mt], kk);
+          for (int mt = 0; mt < MT; ++mt) {
+            acc_to_a<T>(a[mt], s[mt], kk);
+            mma_row_sum<T>(l_acc[mt], a[mt]);
+          }
           mma_ab_mt<D, MT>(o_acc, a, sv, kb + 16 * kk, lane);
         }
       }
@@ -389,7 +392,7 @@ tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float total = quad_sum(row_sum[mt][r]);
+      const float total = l_acc[mt][2 * r];
       const int m = m0 + warp_row0 + 16 * mt + g + 8 * r;
       if (m >= rows) continue;
       const int t = m / group, h = hk * group + m % group;

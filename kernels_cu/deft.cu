@@ -14,28 +14,35 @@
 //                                      and (mask_col[j] < 0 or mask[qmask_off[q] + mask_col[j]] != 0);
 //   writes the partial state of (c, q, h): mid_o[slot_base[c] + q - q0, h, :] (fp32, normalised
 //   over the visible keys) and mid_lse[...] (natural log; -inf and o = 0 when nothing is visible).
-//   grid = (num_work, Hkv), 128 threads = 4 warps. A tile with R rows uses warps_m = 1, 2 or 4
-//   warps across rows (16 rows each) and warps_n = 4 / warps_m warps across the keys of each KV
-//   tile, so a chunk seen by one query (R = G rows) still keeps 4 warps busy; the warps_n states
-//   of a row are merged through shared memory at the end. Q fragments are re-read from shared
-//   memory at every step, so the registers hold O and the lazy-rescale state (warp_gemm.cuh); a
-//   KV tile whose keys every query of the chunk sees (the shared prefix) skips the per-score
-//   visibility test (one __syncthreads_and per tile decides).
-//   Shared memory: Q [64][D] + 2 stages x (K [64][D] + V [64][D] + records [64][16 B]), 16-bit
-//   rows XOR-swizzled; bytes = 2 * 64 * D + 2 * (2 * 2 * 64 * D + 64 * 16) (the host: same formula).
-//   K/V rows arrive by cp.async through the page table, double-buffered.
+//   grid = num_work * Hkv (block = item * Hkv + hk: the plan orders items longest first), 128
+//   threads = 4 warps. A tile with R rows uses warps_m = 1, 2 or 4 warps across rows (16 rows
+//   each) and warps_n = 4 / warps_m warps across the keys of each KV tile, 64 / warps_n keys each
+//   in one softmax step (a 64-row tile: 64-key steps, 8 independent S accumulators per warp), so
+//   a chunk seen by one query (R = G rows) still keeps 4 warps busy; the warps_n states of a row
+//   are merged through shared memory at the end. Q fragments are re-read from shared memory at
+//   every step, so the registers hold O and the lazy-rescale state (warp_gemm.cuh).
+//   Visibility: a KV tile whose keys every query of the chunk sees (the shared prefix) is "full"
+//   and tests nothing (one __syncthreads_and vote per tile); for any other tile the CTA first
+//   writes 64 visibility bits per query into shared memory, one tile ahead, and each score tests
+//   one bit.
+//   Shared memory: Q [64][D] + 2 stages x (K [64][D] + V [64][D]) + 3 x records [64][16 B], 16-bit
+//   rows XOR-swizzled; bytes = 2 * 64 * D + 2 * 2 * 2 * 64 * D + 3 * 64 * 16 (the host: same
+//   formula), plus 1 KB of static visibility bits. K/V rows arrive by cp.async, double-buffered;
+//   a tile's records arrive one tile earlier, so the page lookups of its K/V copies read shared
+//   memory, not global memory, in the issue path, and its visibility bits are ready with it.
 // Stage 2 (deft_merge_kernel), per (query q, head h): merges the partials
-//   slot_idx[q_indptr[q] .. q_indptr[q + 1]) in that (chunk) order, one online pass, no atomics:
-//   bitwise deterministic. kLanes = D / 4 threads per row, each owning 4 floats of head_dim.
+//   slot_idx[q_indptr[q] .. q_indptr[q + 1]) in that (chunk) order, no atomics: bitwise
+//   deterministic. kLanes = D / 4 threads per row, each owning 4 floats of head_dim; the lanes
+//   fetch a group of kLanes partials' lse at once, so the loads of o are the only serial part.
 //
 // Inputs (strides in elements, head_dim contiguous, rows 16-byte aligned):
 //   q         T      [Q, H, D]               strides (q_sq, q_sh)
-//   k/v pool  T      [pages, Hkv, P, D]      strides (sp, sh, sr)
+//   k/v pool  T      [pages, Hkv, P, D]      strides (sp, sh, sr); sh and sr below 2^31
 //   tokens    int4   [N]          chunks int4 [C] (tok_begin, tok_end, q0, q1)
 //   work      int2   [W] (chunk, row tile)    slot_base int [C]     qmask_off int [Q]   mask int [*]
 //   q_indptr  int    [Q + 1]      slot_idx int [num_slots]
 // Outputs: mid_o fp32 [num_slots, H, D], mid_lse fp32 [num_slots, H] (contiguous);
-//   out T [Q, H, D] strides (o_sq, o_sh); lse_out fp32 [Q, H] contiguous.
+//   out T [Q, H, D] strides (o_sq, o_sh); lse_out fp32 [Q, H] contiguous, or null (not stored).
 // Numerics: exp2 softmax on scores scaled by scale_log2 = sm_scale * log2(e) > 0, fp32 accumulation,
 //   P rounded to T for the P V product (as decode.cu); keys past tok_end and invisible keys are
 //   -inf before any arithmetic, so pool rows nobody sees never reach the result.
@@ -56,22 +63,75 @@ struct DeftConfig {
   static constexpr int kWarps = 4;
   static constexpr int kBlockM = 64;   // query rows per CTA
   static constexpr int kBlockN = 64;   // keys per KV tile
-  static constexpr int kWarpN = 16;    // keys per softmax step of one warp
   static constexpr int kChunks = D / 8;
   static constexpr int kQElems = kBlockM * D;
   static constexpr int kTileElems = kBlockN * D;
   static constexpr int kLoadIters = kBlockN * kChunks / kThreads;  // K/V chunks per thread and tile
+  static constexpr int kRecRing = 3;  // record slots: tiles it (in use), it + 1 (K/V loading), it + 2 (arriving)
   // The cross-warp merge buffer, per warp: o (D / 8 x 4 floats per lane) + max and sum (2 + 2).
   static constexpr int kRedFloats = (D / 2 + 4) * 32;
   static_assert(kBlockN * kChunks % kThreads == 0, "whole load rounds");
-  static_assert(kBlockN % (kWarps * kWarpN) == 0, "4 warps can split a KV tile");
+  static_assert(kBlockN == 64 && kWarps == 4, "a tile's keys split as 64 / warps_n per warp");
 };
+
+// Stage 1's per-warp state: O, the reference maxima and row sums of its rows g and g + 8.
+template <int D>
+struct DeftRows {
+  float o_acc[D / 8][4];
+  float row_max[2];
+  float l_acc[4];  // row sums (mma_row_sum): row g in [0], g + 8 in [2]
+};
+
+// One softmax step of a warp's 16 rows over keys kb .. kb + KW - 1 of a KV tile. Unless the tile is
+// full, vis[r] holds the tile's visibility bits of row g + 8 r's query (bit k: key k of the tile).
+template <int KW, typename T, int D>
+__device__ __forceinline__ void deft_step(DeftRows<D>& st, const T* smem_q, const T* sk, const T* sv, bool full,
+                                          const unsigned long long (&vis)[2], int warp_row0, int kb, float scale_log2,
+                                          int lane) {
+  const int c4 = lane % 4;
+  // Step 4a: S = Q K^T; Q fragments are re-read from shared memory: registers go to O and S.
+  float s[KW / 8][4];
+#pragma unroll
+  for (int j = 0; j < KW / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll 4
+  for (int kk = 0; kk < D / 16; ++kk) {
+    u32 a[4];
+    load_a_frag<D>(a, smem_q, warp_row0, kk, lane);
+    mma_abt<D, KW>(s, a, sk, kb, kk, lane);
+  }
+
+  // Step 4b: keys this row's query does not see become -inf (the softmax step scales).
+  if (!full) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const unsigned long long bits = vis[r] >> (kb + 2 * c4);  // bit 8 j + e2: key kb + 8 j + 2 c4 + e2
+#pragma unroll
+      for (int j = 0; j < KW / 8; ++j) {
+#pragma unroll
+        for (int e2 = 0; e2 < 2; ++e2)
+          if (!((bits >> (8 * j + e2)) & 1ull)) s[j][2 * r + e2] = neg_inf();
+      }
+    }
+  }
+
+  // Step 4c: online softmax (rows g and g + 8), rescaling what O and l hold so far.
+  online_softmax_step(s, scale_log2, st.row_max, st.l_acc, st.o_acc);
+
+  // Step 4d: O += P V, l += P 1.
+#pragma unroll
+  for (int kk = 0; kk < KW / 16; ++kk) {
+    u32 a[4];
+    acc_to_a<T>(a, s, kk);
+    mma_row_sum<T>(st.l_acc, a);
+    mma_ab<D>(st.o_acc, a, sv, kb + 16 * kk, lane);
+  }
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(128, 2)  // 2 CTAs per SM: up to 255 registers, no spills
 deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
-                    const T* __restrict__ k_pool, i64 k_sp, i64 k_sh, i64 k_sr,
-                    const T* __restrict__ v_pool, i64 v_sp, i64 v_sh, i64 v_sr, int log2_page,
+                    const T* __restrict__ k_pool, i64 k_sp, int k_sh, int k_sr,
+                    const T* __restrict__ v_pool, i64 v_sp, int v_sh, int v_sr, int log2_page,
                     const DeftToken* __restrict__ tokens, const DeftChunk* __restrict__ chunks,
                     const int* __restrict__ work, const int* __restrict__ slot_base,
                     const int* __restrict__ qmask_off, const int* __restrict__ mask,
@@ -82,13 +142,15 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* smem_q = reinterpret_cast<T*>(smem_raw);                       // [64][D]
   T* smem_kv = smem_q + Cfg::kQElems;                               // [2][2][64][D]
-  DeftToken* smem_rec = reinterpret_cast<DeftToken*>(smem_kv + 4 * Cfg::kTileElems);  // [2][64]
+  DeftToken* smem_rec = reinterpret_cast<DeftToken*>(smem_kv + 4 * Cfg::kTileElems);  // [kRecRing][64]
+  __shared__ __align__(8) u32 smem_vis[2][Cfg::kBlockM][2];  // per tile slot and query: 64 key bits
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int hk = blockIdx.y;
+  const int num_kv_heads = num_heads / group;
+  const int hk = blockIdx.x % num_kv_heads, item = blockIdx.x / num_kv_heads;
 
   // Step 1: this CTA's chunk, rows and warp layout.
-  const int c = work[2 * blockIdx.x], row_tile = work[2 * blockIdx.x + 1];
+  const int c = work[2 * item], row_tile = work[2 * item + 1];
   const DeftChunk ch = chunks[c];
   const int rows = (ch.q1 - ch.q0) * group;
   const int m0 = row_tile * Cfg::kBlockM;
@@ -98,7 +160,8 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   const int wm = warp % warps_m, wn = warp / warps_m;
 
   // Step 2: async loads. Q rows past the tile and keys past tok_end are zero-filled; a
-  // zero-filled record has q_lo = q_hi = 0, so its key is visible to nobody.
+  // zero-filled record has q_lo = q_hi = 0, so its key is visible to nobody. The records of tile
+  // i arrive one tile before its K/V, so the page lookups of a K/V load read shared memory.
   auto load_q = [&]() {
     for (int i = tid; i < Cfg::kBlockM * Cfg::kChunks; i += Cfg::kThreads) {
       const int r = i / Cfg::kChunks, cc = i % Cfg::kChunks;
@@ -108,120 +171,128 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
       cp_async_16(smem_addr(smem_q + Tile::offset(r, cc)), src, ok ? 16 : 0);
     }
   };
-  auto load_kv = [&](int stage, int tile_start) {
-    T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
-    T* sv = sk + Cfg::kTileElems;
+  auto load_rec = [&](int tile) {
     if (tid < Cfg::kBlockN) {
-      const int key = tile_start + tid;
+      const int key = ch.tok_begin + tile * Cfg::kBlockN + tid;
       const bool ok = key < ch.tok_end;
-      cp_async_16(smem_addr(smem_rec + stage * Cfg::kBlockN + tid), tokens + (ok ? key : ch.tok_begin), ok ? 16 : 0);
+      cp_async_16(smem_addr(smem_rec + (tile % Cfg::kRecRing) * Cfg::kBlockN + tid), tokens + (ok ? key : ch.tok_begin),
+                  ok ? 16 : 0);
     }
-    int slot[Cfg::kLoadIters];
-#pragma unroll
-    for (int j = 0; j < Cfg::kLoadIters; ++j) {  // all page lookups first, then the copies
-      const int key = tile_start + (tid + j * Cfg::kThreads) / Cfg::kChunks;
-      slot[j] = tokens[key < ch.tok_end ? key : ch.tok_begin].slot;
-    }
+  };
+  // This thread copies the 16-byte column tid % kChunks of its rows (kThreads is a multiple of
+  // kChunks): the head and the column are folded into one base pointer per pool.
+  const T* k_col = k_pool + hk * k_sh + (tid % Cfg::kChunks) * 8;
+  const T* v_col = v_pool + hk * v_sh + (tid % Cfg::kChunks) * 8;
+  auto load_kv = [&](int tile) {  // its records have landed and are visible
+    T* sk = smem_kv + (tile & 1) * 2 * Cfg::kTileElems;
+    T* sv = sk + Cfg::kTileElems;
+    const DeftToken* srec = smem_rec + (tile % Cfg::kRecRing) * Cfg::kBlockN;
+    const int tile_start = ch.tok_begin + tile * Cfg::kBlockN;
 #pragma unroll
     for (int j = 0; j < Cfg::kLoadIters; ++j) {
       const int i = tid + j * Cfg::kThreads;
       const int r = i / Cfg::kChunks, cc = i % Cfg::kChunks;
       const bool ok = tile_start + r < ch.tok_end;
-      const i64 page = slot[j] >> log2_page, prow = slot[j] & ((1 << log2_page) - 1);
-      cp_async_16(smem_addr(sk + Tile::offset(r, cc)), k_pool + page * k_sp + hk * k_sh + prow * k_sr + cc * 8, ok ? 16 : 0);
-      cp_async_16(smem_addr(sv + Tile::offset(r, cc)), v_pool + page * v_sp + hk * v_sh + prow * v_sr + cc * 8, ok ? 16 : 0);
+      const int slot = srec[r].slot;  // 0 past tok_end (zero-filled): a real row, nothing read
+      const i64 page = slot >> log2_page;
+      const int prow = slot & ((1 << log2_page) - 1);
+      cp_async_16(smem_addr(sk + Tile::offset(r, cc)), k_col + page * k_sp + prow * k_sr, ok ? 16 : 0);
+      cp_async_16(smem_addr(sv + Tile::offset(r, cc)), v_col + page * v_sp + prow * v_sr, ok ? 16 : 0);
     }
   };
 
+  // Prologue: Q and the records of tiles 0 and 1; then the K/V of tile 0.
   const int num_tiles = (ch.tok_end - ch.tok_begin + Cfg::kBlockN - 1) / Cfg::kBlockN;
-  load_q();
-  cp_async_commit();
-  load_kv(0, ch.tok_begin);
-  cp_async_commit();
-  cp_async_wait<1>();  // Q has landed
-  __syncthreads();
+  // A tile is full when every key is visible to every query of the chunk (a shared prefix, say):
+  // then no key is tested. Thread tid < 64 votes on the record it copied itself (landed after its
+  // own wait); the barrier that publishes the records ANDs the votes. Keys past tok_end were
+  // zero-filled (q_lo = q_hi = 0) and fail. Otherwise build_vis writes, for each query of this
+  // CTA, the tile's 64 visibility bits (a warp ballot per query and 32 keys) into a ring slot that
+  // the next barrier publishes, one tile ahead of its use.
+  auto vote = [&](int tile) {
+    if (tid >= Cfg::kBlockN || tile >= num_tiles) return true;
+    const DeftToken rec = smem_rec[(tile % Cfg::kRecRing) * Cfg::kBlockN + tid];
+    return rec.q_lo <= ch.q0 && ch.q1 <= rec.q_hi && rec.mask_col < 0;
+  };
+  const int q_first = ch.q0 + m0 / group;                    // this CTA's queries: q_first + ql
+  const int nq_here = (m0 + rows_here - 1) / group - m0 / group + 1;  // <= 64
+  auto build_vis = [&](int tile) {  // warp w: queries w, w + 4, ...; lane: keys lane and 32 + lane
+    const DeftToken* srec = smem_rec + (tile % Cfg::kRecRing) * Cfg::kBlockN;
+    const DeftToken rec[2] = {srec[lane], srec[32 + lane]};
+    for (int ql = warp; ql < nq_here; ql += Cfg::kWarps) {
+      const int qq = q_first + ql, qm = qmask_off[qq];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        bool ok = rec[half].q_lo <= qq && qq < rec[half].q_hi;
+        if (ok && rec[half].mask_col >= 0) ok = mask[qm + rec[half].mask_col] != 0;
+        const u32 bits = __ballot_sync(0xffffffffu, ok);
+        if (lane == 0) smem_vis[tile & 1][ql][half] = bits;
+      }
+    }
+  };
 
-  // Step 3: per-warp state: rows m0 + 16 wm + {g, g + 8}, keys kb = 16 wn + 16 warps_n k of each tile.
+  load_q();
+  load_rec(0);
+  if (num_tiles > 1) load_rec(1);
+  cp_async_commit();
+  cp_async_wait<0>();
+  bool full_next = __syncthreads_and(vote(0));
+  if (!full_next) build_vis(0);
+  load_kv(0);
+  cp_async_commit();
+
+  // Step 3: per-warp state: rows m0 + 16 wm + {g, g + 8}; in every tile, keys [KW wn, KW (wn + 1))
+  // with KW = 64 / warps_n: one softmax step of KW keys per warp and tile.
   const int g = lane / 4, c4 = lane % 4;
   const int warp_row0 = wm * 16;
   const bool warp_active = warp_row0 < rows_here;
-  float o_acc[D / 8][4];
+  DeftRows<D> st;
+  float (&o_acc)[D / 8][4] = st.o_acc;
+  float (&row_max)[2] = st.row_max;
+  float (&l_acc)[4] = st.l_acc;
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
-  float row_max[2] = {neg_inf(), neg_inf()};
-  float row_sum[2] = {0.f, 0.f};
-  int q_row[2], qm_row[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    q_row[r] = ch.q0 + min(m0 + warp_row0 + g + 8 * r, rows - 1) / group;
-    qm_row[r] = qmask_off[q_row[r]];
-  }
+  for (int e = 0; e < 4; ++e) l_acc[e] = 0.f;
+  row_max[0] = row_max[1] = neg_inf();
 
-  // Step 4: the KV loop, one 64-key tile per iteration.
+  // This lane's rows as queries of the CTA (rows past the chunk, computed but never stored, clamp).
+  int ql_row[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) ql_row[r] = min(m0 + warp_row0 + g + 8 * r, rows - 1) / group - m0 / group;
+
+  // Step 4: the KV loop, one 64-key tile per iteration and one barrier: after it, tile `it`, the
+  // records of tile it + 1 and the visibility bits of tile it are visible, and every warp has
+  // left tile it - 1, whose K/V stage, record slot and bits slot now take tile it + 1, the records
+  // of tile it + 2 and the bits of tile it + 1.
   for (int it = 0; it < num_tiles; ++it) {
-    const int tile_start = ch.tok_begin + it * Cfg::kBlockN;
-    const int stage = it & 1;
-    if (it + 1 < num_tiles) load_kv(stage ^ 1, tile_start + Cfg::kBlockN);
-    cp_async_commit();
-    cp_async_wait<1>();
-    const T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
-    const T* sv = sk + Cfg::kTileElems;
-    const DeftToken* srec = smem_rec + stage * Cfg::kBlockN;
-    // A full tile: every key visible to every query of the chunk (a shared prefix, say), so no
-    // per-score test. Thread tid < 64 reads the record it copied itself (landed after its wait);
-    // the barrier that publishes the tile also ANDs the verdicts. Keys past tok_end were
-    // zero-filled (q_lo = q_hi = 0), which fails the test.
-    bool visible_to_all = true;
-    if (tid < Cfg::kBlockN) {
-      const DeftToken rec = srec[tid];
-      visible_to_all = rec.q_lo <= ch.q0 && ch.q1 <= rec.q_hi && rec.mask_col < 0;
+    cp_async_wait<0>();  // this thread's part of tile it and of the records of tile it + 1
+    const bool full = full_next;
+    full_next = __syncthreads_and(vote(it + 1));
+    if (it + 1 < num_tiles) {
+      load_kv(it + 1);
+      if (!full_next) build_vis(it + 1);
     }
-    const bool full = __syncthreads_and(visible_to_all);
+    if (it + 2 < num_tiles) load_rec(it + 2);
+    cp_async_commit();
+    const T* sk = smem_kv + (it & 1) * 2 * Cfg::kTileElems;
+    const T* sv = sk + Cfg::kTileElems;
 
     if (warp_active) {
-#pragma unroll 1
-      for (int kb = wn * Cfg::kWarpN; kb < Cfg::kBlockN; kb += warps_n * Cfg::kWarpN) {
-        // Step 4a: S = Q K^T for 16 keys.
-        float s[2][4];
+      unsigned long long vis[2] = {~0ull, ~0ull};
+      if (!full) {
 #pragma unroll
-        for (int j = 0; j < 2; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {  // Q fragments re-read from shared memory: registers go to the lazy rescale
-          u32 a[4];
-          load_a_frag<D>(a, smem_q, warp_row0, kk, lane);
-          mma_abt<D, 16>(s, a, sk, kb, kk, lane);
-        }
-
-        // Step 4b: keys this row's query does not see become -inf (the softmax step scales).
-#pragma unroll
-        for (int j = 0; j < 2 && !full; ++j) {
-#pragma unroll
-          for (int e2 = 0; e2 < 2; ++e2) {
-            const DeftToken rec = srec[kb + 8 * j + 2 * c4 + e2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              bool ok = rec.q_lo <= q_row[r] && q_row[r] < rec.q_hi;
-              if (ok && rec.mask_col >= 0) ok = mask[qm_row[r] + rec.mask_col] != 0;
-              if (!ok) s[j][2 * r + e2] = neg_inf();
-            }
-          }
-        }
-
-        // Step 4c: online softmax (rows g and g + 8), rescaling what O holds so far.
-        online_softmax_step(s, scale_log2, row_max, row_sum, o_acc);
-
-        // Step 4d: O += P V.
-        u32 a[4];
-        acc_to_a<T>(a, s, 0);
-        mma_ab<D>(o_acc, a, sv, kb, lane);
+        for (int r = 0; r < 2; ++r) vis[r] = *reinterpret_cast<const unsigned long long*>(smem_vis[it & 1][ql_row[r]]);
       }
+      if (warps_n == 1) deft_step<64>(st, smem_q, sk, sv, full, vis, warp_row0, 0, scale_log2, lane);
+      else if (warps_n == 2) deft_step<32>(st, smem_q, sk, sv, full, vis, warp_row0, 32 * wn, scale_log2, lane);
+      else deft_step<16>(st, smem_q, sk, sv, full, vis, warp_row0, 16 * wn, scale_log2, lane);
     }
-    __syncthreads();  // the next iteration's copy overwrites this stage
   }
 
   // Step 5: warps that split the keys of the same rows merge their states (K/V smem is free now).
   if (warps_n > 1) {
-    cp_async_wait<0>();
+    __syncthreads();  // every warp has left the last tile (no copy is in flight after it)
     float* red = reinterpret_cast<float*>(smem_kv) + warp * Cfg::kRedFloats;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
@@ -231,7 +302,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       red[(D / 2 + r) * 32 + lane] = row_max[r];
-      red[(D / 2 + 2 + r) * 32 + lane] = row_sum[r];
+      red[(D / 2 + 2 + r) * 32 + lane] = l_acc[2 * r];
     }
     __syncthreads();
     if (wn != 0) return;
@@ -246,7 +317,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
         wa[r] = fast_exp2(row_max[r] - base);
         wb[r] = fast_exp2(m_b - base);
         row_max[r] = mx;
-        row_sum[r] = row_sum[r] * wa[r] + other[(D / 2 + 2 + r) * 32 + lane] * wb[r];
+        l_acc[2 * r] = l_acc[2 * r] * wa[r] + other[(D / 2 + 2 + r) * 32 + lane] * wb[r];
       }
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
@@ -260,7 +331,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   if (!warp_active) return;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float total = quad_sum(row_sum[r]);
+    const float total = l_acc[2 * r];
     const int m = m0 + warp_row0 + g + 8 * r;
     if (m >= rows) continue;
     const int h = hk * group + m % group;
@@ -283,7 +354,7 @@ struct DeftMergeConfig {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 1)  // (256) alone made ptxas cap itself at 40 registers and spill
 deft_merge_kernel(const float* __restrict__ mid_o, const float* __restrict__ mid_lse,
                   const int* __restrict__ q_indptr, const int* __restrict__ slot_idx,
                   T* __restrict__ out, i64 o_sq, i64 o_sh, float* __restrict__ lse_out,
@@ -293,21 +364,58 @@ deft_merge_kernel(const float* __restrict__ mid_o, const float* __restrict__ mid
   const int lane = threadIdx.x % Cfg::kLanes;
   if (row >= num_queries * num_heads) return;
   const int qi = row / num_heads, h = row % num_heads;
+  // The kLanes threads of this row (a whole warp for D = 128, half of one for D = 64): the shuffles
+  // below name only them, so the other row of a shared warp may loop a different number of times.
+  const unsigned row_mask = Cfg::kLanes == 32 ? 0xffffffffu
+                                              : ((1u << Cfg::kLanes) - 1) << (threadIdx.x % 32 / Cfg::kLanes * Cfg::kLanes);
 
-  // Step 1: one online pass over this query's partials, in the plan's order.
+  // Step 1: this query's partials in the plan's order, in groups of kLanes: each lane of the row
+  // reads one partial's slot and lse (independent loads), the group's maximum comes by shuffles,
+  // then every lane walks the group's partials with the slot and lse broadcast, kUnroll o loads in
+  // flight at a time. The arithmetic is the same fixed sequence on every run: bitwise deterministic.
+  constexpr int kUnroll = 8;
   float max2 = neg_inf(), sum = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
-  const int end = q_indptr[qi + 1];
-  for (int s = q_indptr[qi]; s < end; ++s) {
-    const i64 state = static_cast<i64>(slot_idx[s]) * num_heads + h;
-    const float l2 = mid_lse[state] * kLog2e;
-    if (l2 == neg_inf()) continue;  // an empty partial: its o is never read
-    const Vec16 v = *reinterpret_cast<const Vec16*>(mid_o + state * D + 4 * lane);
-    const float mx = fmaxf(max2, l2);
-    const float rescale = fast_exp2(max2 - mx), w = fast_exp2(l2 - mx);
-    max2 = mx;
-    sum = sum * rescale + w;
+  const int begin = q_indptr[qi], end = q_indptr[qi + 1];
+  for (int g0 = begin; g0 < end; g0 += Cfg::kLanes) {
+    const int n = min(Cfg::kLanes, end - g0);
+    int my_slot = 0;
+    float my_l2 = neg_inf();
+    if (lane < n) {
+      my_slot = slot_idx[g0 + lane];
+      my_l2 = mid_lse[static_cast<i64>(my_slot) * num_heads + h] * kLog2e;
+    }
+    float group_max = my_l2;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[i] = acc[i] * rescale + w * __uint_as_float(v.w[i]);
+    for (int off = Cfg::kLanes / 2; off > 0; off /= 2)
+      group_max = fmaxf(group_max, __shfl_xor_sync(row_mask, group_max, off, Cfg::kLanes));
+    if (group_max == neg_inf()) continue;  // only empty partials (their o is never read)
+    const float mx = fmaxf(max2, group_max);
+    const float rescale = fast_exp2(max2 - mx);  // max2 = -inf: 0, and sum and acc are 0 anyway
+    max2 = mx;
+    sum *= rescale;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] *= rescale;
+    for (int j0 = 0; j0 < n; j0 += kUnroll) {
+      float4 v[kUnroll];
+      float w[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {  // the loads first: kUnroll rows of o in flight
+        const int j = min(j0 + u, n - 1);
+        const int slot = __shfl_sync(row_mask, my_slot, j, Cfg::kLanes);
+        const float l2 = __shfl_sync(row_mask, my_l2, j, Cfg::kLanes);
+        w[u] = j0 + u < n && l2 != neg_inf() ? fast_exp2(l2 - max2) : 0.f;
+        v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (w[u] != 0.f) v[u] = *reinterpret_cast<const float4*>(mid_o + (static_cast<i64>(slot) * num_heads + h) * D + 4 * lane);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        sum += w[u];
+        acc[0] += w[u] * v[u].x;
+        acc[1] += w[u] * v[u].y;
+        acc[2] += w[u] * v[u].z;
+        acc[3] += w[u] * v[u].w;
+      }
+    }
   }
 
   // Step 2: normalise and store 4 values of T (8 bytes) and the lse.
@@ -316,7 +424,7 @@ deft_merge_kernel(const float* __restrict__ mid_o, const float* __restrict__ mid
   packed.a = pack2<T>(acc[0] * inv, acc[1] * inv);
   packed.b = pack2<T>(acc[2] * inv, acc[3] * inv);
   *reinterpret_cast<U32x2*>(out + qi * o_sq + h * o_sh + 4 * lane) = packed;
-  if (lane == 0) lse_out[row] = lse_from_base2(max2, sum);
+  if (lane == 0 && lse_out != nullptr) lse_out[row] = lse_from_base2(max2, sum);
 }
 
 }  // namespace ft

@@ -217,7 +217,7 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
   float row_max[2] = {neg_inf(), neg_inf()};  // base-2 running max
-  float row_sum[2] = {0.f, 0.f};              // this lane's partial sums
+  float l_acc[4] = {0.f, 0.f, 0.f, 0.f};      // row sums (mma_row_sum): row g in [0], g + 8 in [2]
 
   // Step 3: the visible K tiles, from the diagonal backwards; the next one loads during this one.
   int jk = j, stage = 0, count = 0;
@@ -259,13 +259,14 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
         }
 
         // Step 3c: online softmax, rescaling what O holds so far.
-        online_softmax_step(s, scale_log2, row_max, row_sum, o_acc);
+        online_softmax_step(s, scale_log2, row_max, l_acc, o_acc);
 
-        // Step 3d: O += P V.
+        // Step 3d: O += P V, l += P 1.
 #pragma unroll
         for (int kk = 0; kk < Cfg::kWarpN / 16; ++kk) {
           u32 a[4];
           acc_to_a<T>(a, s, kk);
+          mma_row_sum<T>(l_acc, a);
           mma_ab<D>(o_acc, a, sv, kb + 16 * kk, lane);
         }
       }
@@ -280,7 +281,7 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
   if (!warp_active) return;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float total = quad_sum(row_sum[r]);
+    const float total = l_acc[2 * r];
     const int row = row0 + warp_row0 + g + 8 * r;
     if (row >= row_end) continue;
     store_row<D>(o + static_cast<i64>(row) * o_sn + h * o_sh, o_acc, r, total > 0.f ? 1.f / total : 0.f, c4);

@@ -325,6 +325,37 @@ def test_cuda_graph_capture(gen):
 
 
 @pytest.mark.gpu
+def test_plan_workspace_per_stream_and_not_in_graphs(gen):
+    """Without workspace=, the layers of a step share the plan's buffer (one per stream), and a
+    CUDA-graph capture takes its own, so replays and eager calls never share partial states."""
+    c = build_tree(gen, depth=3, max_branch=4, max_len=500, hkv=8, d=128, dtype=torch.bfloat16, device="cuda")
+    plan = deft.deft_plan(c, 32)
+    q1, q2 = (torch.randn(plan.num_queries, 32, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    call = lambda q, **kw: flashtree.deft_attention(q, c.k_pools[0], c.v_pools[0], plan, **kw)  # noqa: E731
+    a, b = call(q1), call(q2)  # two layers, one workspace
+    assert len(plan._workspaces) == 1
+    for q, o, what in ((q1, a, "first call"), (q2, b, "second call on the reused workspace")):
+        assert_close_rule(o, reference_of(q.double(), c, plan)[0], torch_baseline(q, c, plan, 1 / math.sqrt(128)),
+                          torch.bfloat16, what)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = call(q1)
+    torch.cuda.current_stream().wait_stream(side)
+    assert len(plan._workspaces) == 2
+    assert torch.equal(on_side, a)
+    out = torch.full_like(q1, float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(q1, out=out)
+    assert len(plan._workspaces) == 2  # the capture did not take (or add) a plan buffer
+    graph.replay()
+    assert torch.equal(call(q2), b)  # an eager call right behind the replay, on the plan's buffer
+    torch.cuda.synchronize()
+    assert torch.equal(out, a)
+
+
+@pytest.mark.gpu
 def test_shared_prefix_matches_paged_decode_per_branch(gen):
     s, b, u = 3000, 9, 77
     c = shared_prefix_cache(s, b, u, hkv=8, d=128, dtype=torch.bfloat16, gen=gen)

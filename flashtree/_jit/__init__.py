@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterable
 
 from .cache import cache_dir, entries, load_or_compile
 from .nvrtc import CompileError, CompiledKernel, Resources, nvrtc_version
-from .runtime import check_toolchain, compiled, device_arch, device_properties, get_kernel, num_sms, param_layout
+from .runtime import (check_toolchain, compiled, current_stream, device_arch, device_properties, get_kernel, num_sms,
+                      param_layout)
 from .spec import KernelSpec, ctype, short
 
 _shipped: dict[str, Callable[[], Iterable[KernelSpec]]] = {}

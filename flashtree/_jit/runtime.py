@@ -216,6 +216,9 @@ def _current_stream(device_index: int) -> int:
     return torch.cuda.current_stream(device_index).cuda_stream
 
 
+current_stream = _current_stream
+
+
 @functools.cache
 def device_properties(index: int):
     """torch's properties of CUDA device ``index`` (read once per device)."""

@@ -79,31 +79,55 @@ __device__ __forceinline__ void acc_to_a(u32 (&a)[4], const float (&c)[NB][4], i
   a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
+// Row sums of probabilities by the tensor cores: l (16 x 8) += P (16 x 16 keys, an A fragment) x 1,
+// so every column of l holds the row's sum: a lane reads row g at l[0] and row g + 8 at l[2],
+// summed over all four lanes of the row (no shuffles) and over exactly the 16-bit P that the P V
+// product uses. It replaces a lane's serial chain of fp32 adds with one mma per 16 keys.
+template <typename T>
+__device__ __forceinline__ void mma_row_sum(float (&l)[4], const u32 (&p)[4]) {
+  const u32 one = pack2<T>(1.f, 1.f);
+  mma_16816<T>(l, p, one, one);
+}
+
+// The maximum of row g (r = 0) or g + 8 (r = 1) over a lane's columns of a 16 x (8 NB) block,
+// as a tree: depth log2(2 NB) instead of a chain of 2 NB dependent FMNMX.
+template <int NB>
+__device__ __forceinline__ float lane_row_max(const float (&s)[NB][4], int r) {
+  float m[NB];
+#pragma unroll
+  for (int j = 0; j < NB; ++j) m[j] = fmaxf(s[j][2 * r], s[j][2 * r + 1]);
+#pragma unroll
+  for (int w = 1; w < NB; w *= 2) {
+#pragma unroll
+    for (int j = 0; j + w < NB; j += 2 * w) m[j] = fmaxf(m[j], m[j + w]);
+  }
+  return m[0];
+}
+
 // One online-softmax step for the two rows (g, g + 8) a lane holds in a 16 x (8 NB) block of raw
-// scores Q K^T (masked entries already -inf): update the reference maximum (base 2, scaled) and
-// this lane's partial sum, and turn the scores into probabilities exp2(s * scale_log2 - reference)
-// in place: one FFMA per score, the scale folded in (scale_log2 > 0, so the maximum of the raw
-// scores is the maximum of the scaled ones; the host rejects other scales).
-// Lazy rescaling: O (D / 2 multiplies per lane) is rescaled only when a row's maximum exceeds its
-// reference by more than kRescaleSlack, which after the first few tiles is rare. Until then the
-// probabilities stay below 2^kRescaleSlack: harmless in the fp32 sums and in the 16-bit P operand
-// (same relative precision). The state's lse = reference + log2(sum) is exact whichever reference
-// is used. The branch is warp-uniform (__any_sync), so whole warps skip it.
+// scores Q K^T (masked entries already -inf): update the reference maximum (base 2, scaled),
+// rescale the running state when it moved, and turn the scores into probabilities
+// exp2(s * scale_log2 - reference) in place: one FFMA per score, the scale folded in
+// (scale_log2 > 0, so the maximum of the raw scores is the maximum of the scaled ones; the host
+// rejects other scales). The running state is O (o_acc) and the row sums l, an m16n8 accumulator
+// that the caller feeds with mma_row_sum for every 16-key P fragment it multiplies into O.
+// Lazy rescaling: O (D / 2 multiplies per lane) and l are rescaled only when a row's maximum
+// exceeds its reference by more than kRescaleSlack, which after the first few tiles is rare. Until
+// then the probabilities stay below 2^kRescaleSlack: harmless in the fp32 sums and in the 16-bit P
+// operand (same relative precision). The state's lse = reference + log2(l) is exact whichever
+// reference is used. The branch is warp-uniform (__any_sync), so whole warps skip it.
 // A row with nothing visible yet keeps reference -inf and exponentiates against 0 (exp2 stays finite).
 // LAZY = false rescales at every new maximum (slack 0, no vote): for kernels with no registers to spare.
 constexpr float kRescaleSlack = 8.f;
 
 template <bool LAZY = true, int NB, int DB>
 __device__ __forceinline__ void online_softmax_step(float (&s)[NB][4], float scale_log2, float (&row_max)[2],
-                                                    float (&row_sum)[2], float (&o_acc)[DB][4]) {
+                                                    float (&l)[4], float (&o_acc)[DB][4]) {
   float rescale[2];
   bool grow_any = false;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float mx = neg_inf();
-#pragma unroll
-    for (int j = 0; j < NB; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-    mx = quad_max(mx) * scale_log2;
+    const float mx = quad_max(lane_row_max(s, r)) * scale_log2;
     const bool grow = mx > row_max[r] + (LAZY ? kRescaleSlack : 0.f);  // -inf + slack = -inf: the first visible key sets it
     rescale[r] = grow ? fast_exp2(row_max[r] - mx) : 1.f;
     row_max[r] = grow ? mx : row_max[r];
@@ -111,26 +135,21 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[NB][4], float sca
   }
   if (!LAZY || __any_sync(0xffffffffu, grow_any)) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      row_sum[r] *= rescale[r];
+    for (int e = 0; e < 4; ++e) l[e] *= rescale[e / 2];
 #pragma unroll
-      for (int i = 0; i < DB; ++i) {
-        o_acc[i][2 * r] *= rescale[r];
-        o_acc[i][2 * r + 1] *= rescale[r];
-      }
+    for (int i = 0; i < DB; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o_acc[i][e] *= rescale[e / 2];
     }
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float neg_base = row_max[r] == neg_inf() ? 0.f : -row_max[r];
-    float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
       s[j][2 * r] = fast_exp2(fmaf(s[j][2 * r], scale_log2, neg_base));
       s[j][2 * r + 1] = fast_exp2(fmaf(s[j][2 * r + 1], scale_log2, neg_base));
-      sum += s[j][2 * r] + s[j][2 * r + 1];
     }
-    row_sum[r] += sum;
   }
 }
 
