@@ -6,6 +6,9 @@
   python benchmarks/diag.py mergevariants                   merge vs FlashInfer, eager and graph
   python benchmarks/diag.py overhead                        eager vs CUDA-graph time: the host's share
   python benchmarks/diag.py deft_host                       deft_attention eager vs graph, host profile
+  python benchmarks/diag.py deft_kernels                    deft_attention GPU time per kernel (profiler)
+  python benchmarks/diag.py deft_row I                      deft_attention on shared-prefix row I (for ncu)
+  python benchmarks/diag.py deft_chunks I                   deft_attention on row I for each chunk length
   python benchmarks/diag.py hostprofile                     cProfile of the host path of tiny calls
 """
 import sys
@@ -168,6 +171,56 @@ def deft_host():
     _profile(fn, 300, 15)
 
 
+def deft_kernels():
+    """GPU time per kernel of deft_attention on the shared-prefix suite's first two rows (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    from flashtree.bench import suites
+    suite = suites.load_suite("shared-prefix")
+    for params in suite.workloads[:2]:
+        case = suite.setup(params, torch.device("cuda"))
+        fn, args = case.providers["flashtree"].fn, case.inputs()
+        for _ in range(5):
+            fn(*args)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                fn(*args)
+            torch.cuda.synchronize()
+        print(suite.label(params))
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+            if e.device_time_total > 0:
+                print(f"  {e.key[:60]:60s} {e.count:4d} x {e.device_time_total / e.count:8.1f} us")
+
+
+def deft_row(i):
+    """deft_attention on row i of the shared-prefix suite, a few calls (for ncu)."""
+    from flashtree.bench import suites
+    suite = suites.load_suite("shared-prefix")
+    case = suite.setup(suite.workloads[i], torch.device("cuda"))
+    fn, args = case.providers["flashtree"].fn, case.inputs()
+    for _ in range(4):
+        fn(*args)
+    torch.cuda.synchronize()
+
+
+def deft_chunks(i):
+    """deft_attention on shared-prefix row I with each chunk length: the plan's choice against the rest."""
+    from flashtree import deft
+    from flashtree.bench.suites import shared_prefix as sp
+    from flashtree.bench.timing import bench
+    params = sp.WORKLOADS[i]
+    cache, n, masks = sp.build_cache(params, torch.device("cuda"))
+    auto_plan = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks)
+    auto = auto_plan.chunk_len
+    q = torch.randn(auto_plan.num_queries, sp.H, sp.D, device="cuda", dtype=torch.bfloat16)
+    for length in (512, 640, 768, 896, 1024):
+        plan = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks, chunk_len=length)
+        fn = lambda: deft.deft_attention(q, cache.k_pools[0], cache.v_pools[0], plan)  # noqa: E731
+        t = bench(fn, warmup=5, iters=50, graph=True).median_us
+        print(f"{sp._label(params)} chunk_len {length:5d}{' (plan)' if length == auto else '':7s} "
+              f"{plan.num_work:4d} items {plan.num_slots:5d} partial rows  graph {t:7.1f} us", flush=True)
+
+
 def merge(n, s):
     o = torch.randn(n, s, 32, 128, device="cuda", dtype=torch.bfloat16)
     lse = torch.randn(n, s, 32, device="cuda")
@@ -178,4 +231,5 @@ def merge(n, s):
 
 if __name__ == "__main__":
     {"decode": decode, "merge": merge, "variants": variants, "mergevariants": mergevariants, "overhead": overhead,
-     "hostprofile": hostprofile, "deft_host": deft_host}[sys.argv[1]](*map(int, sys.argv[2:]))
+     "hostprofile": hostprofile, "deft_host": deft_host, "deft_kernels": deft_kernels,
+     "deft_row": deft_row, "deft_chunks": deft_chunks}[sys.argv[1]](*map(int, sys.argv[2:]))
