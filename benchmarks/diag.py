@@ -171,22 +171,29 @@ def deft_host():
     _profile(fn, 300, 15)
 
 
+def _deft_call(i):
+    """(label, call) for deft_attention on row i of the shared-prefix suite, warmed up."""
+    from flashtree.bench import suites
+    suite = suites.load_suite("shared-prefix")
+    params = suite.workloads[i]
+    case = suite.setup(params, torch.device("cuda"))
+    fn, args = case.providers["flashtree"].fn, case.inputs()
+    for _ in range(4):
+        fn(*args)
+    torch.cuda.synchronize()
+    return suite.label(params), lambda: fn(*args)
+
+
 def deft_kernels():
     """GPU time per kernel of deft_attention on the shared-prefix suite's first two rows (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
-    from flashtree.bench import suites
-    suite = suites.load_suite("shared-prefix")
-    for params in suite.workloads[:2]:
-        case = suite.setup(params, torch.device("cuda"))
-        fn, args = case.providers["flashtree"].fn, case.inputs()
-        for _ in range(5):
-            fn(*args)
-        torch.cuda.synchronize()
+    for i in (0, 1):
+        label, call = _deft_call(i)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
-                fn(*args)
+                call()
             torch.cuda.synchronize()
-        print(suite.label(params))
+        print(label)
         for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
             if e.device_time_total > 0:
                 print(f"  {e.key[:60]:60s} {e.count:4d} x {e.device_time_total / e.count:8.1f} us")
@@ -194,13 +201,7 @@ def deft_kernels():
 
 def deft_row(i):
     """deft_attention on row i of the shared-prefix suite, a few calls (for ncu)."""
-    from flashtree.bench import suites
-    suite = suites.load_suite("shared-prefix")
-    case = suite.setup(suite.workloads[i], torch.device("cuda"))
-    fn, args = case.providers["flashtree"].fn, case.inputs()
-    for _ in range(4):
-        fn(*args)
-    torch.cuda.synchronize()
+    _deft_call(i)
 
 
 def deft_chunks(i):

@@ -5,10 +5,7 @@
 # Usage: bash benchmarks/gpu_ab.sh SPEC ...     (writes $OUT/ab.txt)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+source benchmarks/device_env.sh
 export PYTHONUNBUFFERED=1
 base_path=$PWD/.ab_base${PYTHONPATH:+:$PYTHONPATH}
 for round in 1 2; do

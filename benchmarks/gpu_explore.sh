@@ -3,10 +3,7 @@
 # Usage: [SKIP_TESTS=1] bash benchmarks/gpu_explore.sh [diag.py subcommand ...]   (default: variants mergevariants)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+source benchmarks/device_env.sh
 export FLASHTREE_CACHE_DIR=/tmp/ftcache PYTHONUNBUFFERED=1
 for cmd in "${@:-variants mergevariants}"; do
   for sub in $cmd; do

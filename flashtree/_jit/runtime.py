@@ -146,7 +146,7 @@ class LoadedKernel:
             self._launch(grid, block, smem, extra)
 
     def _launch(self, grid, block, smem, extra: int) -> None:
-        _driver().launchKernel(self._function.ptr, *grid, *block, smem, _current_stream(self.device_index), 0, extra)
+        _driver().launchKernel(self._function.ptr, *grid, *block, smem, current_stream(self.device_index), 0, extra)
 
 
 _tls = threading.local()  # one parameter buffer per layout and thread: packing never races a launch
@@ -209,14 +209,11 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
 
-def _current_stream(device_index: int) -> int:
+def current_stream(device_index: int) -> int:
     """torch's current stream on the device, as a raw handle (read on every launch)."""
     if _raw_stream is not None:
         return _raw_stream(device_index)
     return torch.cuda.current_stream(device_index).cuda_stream
-
-
-current_stream = _current_stream
 
 
 @functools.cache

@@ -1,8 +1,0 @@
-set -uo pipefail
-OUT=${OUT:-/tmp/out}
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-export FLASHTREE_CACHE_DIR=/tmp/ftcache
-S="--section SpeedOfLight --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section InstructionStats --section MemoryWorkloadAnalysis"
-ncu --clock-control none -k regex:tree_decode --launch-skip 2 --launch-count 1 $S python3 benchmarks/diag.py decode 4 16384 64 2>&1 | grep -v "^==PROF==" | sed -n '/Section:/,$p' > $OUT/ncu_medusa.txt
-ncu --clock-control none -k regex:tree_decode --launch-skip 2 --launch-count 1 --metrics smsp__average_warp_latency_issue_stalled_barrier,smsp__average_warp_latency_issue_stalled_long_scoreboard,smsp__average_warp_latency_issue_stalled_short_scoreboard,smsp__average_warp_latency_issue_stalled_math_pipe_throttle,smsp__average_warp_latency_issue_stalled_mio_throttle,smsp__average_warp_latency_issue_stalled_wait,smsp__average_warp_latency_issue_stalled_not_selected,smsp__average_warp_latency_issue_stalled_selected,smsp__average_warp_latency_issue_stalled_dispatch_stall,smsp__average_warp_latency_issue_stalled_lg_throttle,smsp__inst_executed_pipe_tensor_op_hmma.sum,smsp__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,smsp__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,smsp__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active,smsp__inst_executed_pipe_xu.sum,smsp__pipe_xu_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed.sum python3 benchmarks/diag.py decode 4 16384 64 2>&1 | grep -v "^==PROF==" | grep -E "smsp__|sm__" >> $OUT/ncu_medusa.txt
-grep -E "Duration|Issue Slots|Eligible|Stall|pipe|smsp__|sm__inst|Executed Ipc" $OUT/ncu_medusa.txt | head -60
