@@ -21,13 +21,16 @@ def _compile(archs: list[str], families: list[str] | None, max_spills: int | Non
     bad = 0
     for arch in archs:
         for spec in specs:
+            target = spec.target(arch)
+            if target is None:  # an arch-specific kernel of another target (e.g. wgmma: sm_90a only)
+                continue
             t0 = time.perf_counter()
-            kernel, cached = _jit.load_or_compile(spec, arch)
+            kernel, cached = _jit.load_or_compile(spec, target)
             r = kernel.resources
             flag = ""
             if max_spills is not None and r.spills > max_spills:
                 flag, bad = "  SPILLS", bad + 1
-            print(f"  {spec.name:<32} {arch:<7} {'cached' if cached else f'{time.perf_counter() - t0:5.2f}s':>7}"
+            print(f"  {spec.name:<32} {target:<7} {'cached' if cached else f'{time.perf_counter() - t0:5.2f}s':>7}"
                   f"  regs {r.registers:3d}  spill {r.spill_stores}/{r.spill_loads} B  "
                   f"smem {r.shared} B{flag}", flush=True)
     if bad:

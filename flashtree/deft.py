@@ -29,6 +29,11 @@ touch the prefix (64 queries, 256 rows, 4 row tiles each) and 10 branch-only chu
 24 rows, 1 tile each), W = 98 items, 784 CTAs = 3 waves: 3 x 896 + 2 x 8 x 5872 / 264 = 3044;
 L = 512 needs 5 waves (3200 + 512), L = 3072 one wave of long CTAs (3200 + 105).
 
+Kernels: on compute capability 9.0 stage 1 is an sm_90a kernel on the warpgroup tensor cores (wgmma,
+3 CTAs per SM; ``use_wgmma``, off with FLASHTREE_WGMMA=0), elsewhere the portable mma.sync kernel
+(2 CTAs per SM). The chunk-length model keeps 2 CTAs per SM for both: on the H200 the wgmma kernel
+measured best at the same chunk lengths (benchmarks/NOTES.md, session 5).
+
 Stale plans: a plan records the cache's ``version``; ``deft_attention`` raises if the cache has
 changed (a fork, append or prune) since planning. Writing new K/V values into planned slots does
 not change the version. A plan built without a cache (``cache=None`` is not offered) cannot go stale.
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,14 +66,31 @@ DEFAULT_SMS = 132  # planning for a CPU plan (an H100) when no device and no num
 _MERGE_THREADS = 256
 
 
-def _smem_bytes(head_dim: int) -> int:
-    return 2 * BLOCK_M * head_dim + 2 * 2 * 2 * BLOCK_N * head_dim + 3 * BLOCK_N * 16
+def _smem_bytes(head_dim: int, wgmma: bool) -> int:
+    # 5 [64][D] 16-bit tiles (Q and 2 K/V stages) or, for wgmma, 4 (2 K/V stages, Q in registers);
+    # the 4-slot record ring; and 1 KB to start the tiles on a 1024-byte boundary.
+    return (4 if wgmma else 5) * 2 * BLOCK_N * head_dim + 4 * BLOCK_N * 16 + 1024
+
+
+# Stage 1 on Hopper (compute capability 9.0): the 64-row tiles run on wgmma (an sm_90a kernel).
+# FLASHTREE_WGMMA=0 keeps the portable mma.sync kernel (for comparisons and tests).
+_WGMMA = os.environ.get("FLASHTREE_WGMMA", "1") != "0"
+
+
+def use_wgmma(device: torch.device) -> bool:
+    """Whether stage 1 runs the wgmma (sm_90a) kernel on ``device``."""
+    return _WGMMA and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 @functools.lru_cache(maxsize=None)  # called on every launch: build each spec once
-def spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
+def spec(dtype: torch.dtype, head_dim: int, wgmma: bool = False) -> _jit.KernelSpec:
+    if wgmma:
+        return _jit.KernelSpec(family="deft", kernel="ft::deft_partial_kernel",
+                               template_args=(_jit.ctype(dtype), head_dim, "true"),
+                               name=f"deft_partial_{_jit.short(dtype)}_d{head_dim}_wgmma",
+                               arch_suffix="a", archs=("sm_90",))
     return _jit.KernelSpec(family="deft", kernel="ft::deft_partial_kernel",
-                           template_args=(_jit.ctype(dtype), head_dim),
+                           template_args=(_jit.ctype(dtype), head_dim, "false"),
                            name=f"deft_partial_{_jit.short(dtype)}_d{head_dim}")
 
 
@@ -78,7 +101,8 @@ def merge_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
                            name=f"deft_merge_{_jit.short(dtype)}_d{head_dim}")
 
 
-_jit.register_shipped("deft", lambda: [f(dt, d) for dt in DTYPES for d in HEAD_DIMS for f in (spec, merge_spec)])
+_jit.register_shipped("deft", lambda: [s for dt in DTYPES for d in HEAD_DIMS
+                                       for s in (spec(dt, d), spec(dt, d, wgmma=True), merge_spec(dt, d))])
 
 
 # ---------------------------------------------------------------------------------- the plan
@@ -401,18 +425,22 @@ _MERGE_PARAMS = _jit.param_layout("QQQQ Qqq Q ii")
 
 @dataclass(frozen=True)
 class _Validated:
-    """What a validated call signature fixes: the scale, the two loaded kernels, and whether the
-    q/k/v row strides are 16-byte multiples (then only the data pointers need checking per call)."""
+    """What a validated call signature fixes: the scale, the two loaded kernels (and stage 1's
+    shared memory), and whether the q/k/v row strides are 16-byte multiples (then only the data
+    pointers need checking per call)."""
 
     scale: float
     partial: _jit.runtime.LoadedKernel
+    partial_smem: int
     merge: _jit.runtime.LoadedKernel
     strides_aligned: bool
 
 
 def _validated_entry(q, k_pool, v_pool, scale) -> _Validated:
     d = q.shape[2]
-    return _Validated(scale, _jit.get_kernel(spec(q.dtype, d), q.device), _jit.get_kernel(merge_spec(q.dtype, d), q.device),
+    wgmma = use_wgmma(q.device)
+    return _Validated(scale, _jit.get_kernel(spec(q.dtype, d, wgmma), q.device), _smem_bytes(d, wgmma),
+                      _jit.get_kernel(merge_spec(q.dtype, d), q.device),
                       all(_checks.strides16(x, range(x.dim() - 1)) for x in (q, k_pool, v_pool)))
 
 
@@ -432,7 +460,7 @@ def _launch(q, k_pool, v_pool, plan, entry: _Validated, mid_o: int, mid_lse: int
             at("tokens"), at("chunks"), at("work"), at("slot_base"), at("qmask_off"), at("mask"),
             mid_o, mid_lse, h, h // plan.num_kv_heads, entry.scale * _LOG2E,
         ),
-        smem=_smem_bytes(d),
+        smem=entry.partial_smem,
     )
     rows_per_block = _MERGE_THREADS // (d // 4)
     entry.merge.launch(

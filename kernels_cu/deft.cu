@@ -25,11 +25,19 @@
 //   and tests nothing (one __syncthreads_and vote per tile); for any other tile the CTA first
 //   writes 64 visibility bits per query into shared memory, one tile ahead, and each score tests
 //   one bit.
-//   Shared memory: Q [64][D] + 2 stages x (K [64][D] + V [64][D]) + 3 x records [64][16 B], 16-bit
-//   rows XOR-swizzled; bytes = 2 * 64 * D + 2 * 2 * 2 * 64 * D + 3 * 64 * 16 (the host: same
-//   formula), plus 1 KB of static visibility bits. K/V rows arrive by cp.async, double-buffered;
-//   a tile's records arrive one tile earlier, so the page lookups of its K/V copies read shared
-//   memory, not global memory, in the issue path, and its visibility bits are ready with it.
+//   Shared memory: Q [64][D] + 2 stages x (K [64][D] + V [64][D]) + 4 x records [64][16 B], 16-bit
+//   [rows][D] tiles XOR-swizzled (SwizzledTile); bytes = 5 * 2 * 64 * D + 4 * 64 * 16 + 1024 (the
+//   host: same formula), plus 1 KB of static visibility bits. K/V rows arrive by cp.async,
+//   double-buffered; a tile's records arrive one tile earlier, so the page lookups of its K/V
+//   copies read shared memory, not global memory, in the issue path, and its visibility bits are
+//   ready with it.
+//   The wgmma kernel (WG = true, sm_90a, chosen on compute capability 9.0): every tile is a 64-row
+//   warpgroup tile (rows past the chunk are computed, never stored). S = Q K^T is one chain of
+//   D / 16 wgmma m64n64k16 with Q in registers (A fragments, loaded once through shared memory)
+//   and K from shared memory; O += P V is 4 wgmma m64nDk16 with P from registers and V from
+//   shared memory ("transposed" B). Its tiles use wgmma.cuh's WgTile layout from a 1024-byte
+//   boundary; with Q out of shared memory a CTA needs 4 tiles (2 K/V stages), 68 KB at D = 128,
+//   and at most 168 registers, so 3 CTAs share an SM (12 warps).
 // Stage 2 (deft_merge_kernel), per (query q, head h): merges the partials
 //   slot_idx[q_indptr[q] .. q_indptr[q + 1]) in that (chunk) order, no atomics: bitwise
 //   deterministic. kLanes = D / 4 threads per row, each owning 4 floats of head_dim; the lanes
@@ -50,6 +58,7 @@
 #include "common/state.cuh"
 #include "common/mma.cuh"
 #include "common/warp_gemm.cuh"
+#include "common/wgmma.cuh"
 
 namespace ft {
 
@@ -67,7 +76,7 @@ struct DeftConfig {
   static constexpr int kQElems = kBlockM * D;
   static constexpr int kTileElems = kBlockN * D;
   static constexpr int kLoadIters = kBlockN * kChunks / kThreads;  // K/V chunks per thread and tile
-  static constexpr int kRecRing = 3;  // record slots: tiles it (in use), it + 1 (K/V loading), it + 2 (arriving)
+  static constexpr int kRecRing = 4;  // record slots (the wgmma loop keeps 4 tiles' records, the other 3)
   // The cross-warp merge buffer, per warp: o (D / 8 x 4 floats per lane) + max and sum (2 + 2).
   static constexpr int kRedFloats = (D / 2 + 4) * 32;
   static_assert(kBlockN * kChunks % kThreads == 0, "whole load rounds");
@@ -82,13 +91,29 @@ struct DeftRows {
   float l_acc[4];  // row sums (mma_row_sum): row g in [0], g + 8 in [2]
 };
 
-// One softmax step of a warp's 16 rows over keys kb .. kb + KW - 1 of a KV tile. Unless the tile is
-// full, vis[r] holds the tile's visibility bits of row g + 8 r's query (bit k: key k of the tile).
-template <int KW, typename T, int D>
+// Scores of keys kb .. kb + KW - 1 that a row's query does not see become -inf: vis[r] holds the
+// tile's visibility bits of row g + 8 r's query (bit k: key k of the tile).
+template <int KW>
+__device__ __forceinline__ void mask_invisible(float (&s)[KW / 8][4], const unsigned long long (&vis)[2], int kb,
+                                               int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const unsigned long long bits = vis[r] >> (kb + 2 * (lane % 4));  // bit 8 j + e2: key kb + 8 j + 2 c4 + e2
+#pragma unroll
+    for (int j = 0; j < KW / 8; ++j) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2)
+        if (!((bits >> (8 * j + e2)) & 1ull)) s[j][2 * r + e2] = neg_inf();
+    }
+  }
+}
+
+// One softmax step of a warp's 16 rows over keys kb .. kb + KW - 1 of a KV tile (mma.sync). Unless
+// the tile is full, vis holds the visibility bits of the lane's two rows.
+template <int KW, typename Layout, typename T, int D>
 __device__ __forceinline__ void deft_step(DeftRows<D>& st, const T* smem_q, const T* sk, const T* sv, bool full,
                                           const unsigned long long (&vis)[2], int warp_row0, int kb, float scale_log2,
                                           int lane) {
-  const int c4 = lane % 4;
   // Step 4a: S = Q K^T; Q fragments are re-read from shared memory: registers go to O and S.
   float s[KW / 8][4];
 #pragma unroll
@@ -96,23 +121,12 @@ __device__ __forceinline__ void deft_step(DeftRows<D>& st, const T* smem_q, cons
 #pragma unroll 4
   for (int kk = 0; kk < D / 16; ++kk) {
     u32 a[4];
-    load_a_frag<D>(a, smem_q, warp_row0, kk, lane);
-    mma_abt<D, KW>(s, a, sk, kb, kk, lane);
+    load_a_frag<D, Layout>(a, smem_q, warp_row0, kk, lane);
+    mma_abt<D, KW, Layout>(s, a, sk, kb, kk, lane);
   }
 
   // Step 4b: keys this row's query does not see become -inf (the softmax step scales).
-  if (!full) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const unsigned long long bits = vis[r] >> (kb + 2 * c4);  // bit 8 j + e2: key kb + 8 j + 2 c4 + e2
-#pragma unroll
-      for (int j = 0; j < KW / 8; ++j) {
-#pragma unroll
-        for (int e2 = 0; e2 < 2; ++e2)
-          if (!((bits >> (8 * j + e2)) & 1ull)) s[j][2 * r + e2] = neg_inf();
-      }
-    }
-  }
+  if (!full) mask_invisible<KW>(s, vis, kb, lane);
 
   // Step 4c: online softmax (rows g and g + 8), rescaling what O and l hold so far.
   online_softmax_step(s, scale_log2, st.row_max, st.l_acc, st.o_acc);
@@ -123,12 +137,50 @@ __device__ __forceinline__ void deft_step(DeftRows<D>& st, const T* smem_q, cons
     u32 a[4];
     acc_to_a<T>(a, s, kk);
     mma_row_sum<T>(st.l_acc, a);
-    mma_ab<D>(st.o_acc, a, sv, kb + 16 * kk, lane);
+    mma_ab<D, Layout>(st.o_acc, a, sv, kb + 16 * kk, lane);
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(128, 2)  // 2 CTAs per SM: up to 255 registers, no spills
+// The same step for a whole 64-row tile on the warpgroup's tensor cores (wgmma, sm_90a): the 4
+// warps issue S (64 x 64) = Q K^T together (Q from registers: q holds this warp's 16 rows as A
+// fragments; K from shared memory), each warp then runs the softmax of its 16 rows on its
+// fragment of S (the mma.sync layout), and O (64 x D) += P V takes P from registers and V from
+// shared memory. k and v are the tiles' shared-memory byte addresses (WgTile<D, 64> layout,
+// 1024-byte aligned); tile_vis(vis) reads the lane's visibility bits (called only if !full). Both products complete before it returns: the next barrier may hand this
+// tile's K/V stage to a copy.
+template <typename T, int D, typename VisFn>
+__device__ __forceinline__ void deft_step_wg(DeftRows<D>& st, const u32 (&q)[D / 16][4], u32 k, u32 v, bool full,
+                                             VisFn tile_vis, float scale_log2, int lane) {
+  using Tile = WgTile<D, 64>;
+  float s[8][4];
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 64>(s, q[kk], Tile::kmajor_desc(k, kk), kk);
+  wgmma_commit();
+  wgmma_wait<0>();
+
+  if (!full) {  // the bits are read only now: no registers held across the product
+    unsigned long long vis[2];
+    tile_vis(vis);
+    mask_invisible<64>(s, vis, 0, lane);
+  }
+  online_softmax_step(s, scale_log2, st.row_max, st.l_acc, st.o_acc);
+
+  u32 p[4][4];
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    acc_to_a<T>(p[kk], s, kk);
+    mma_row_sum<T>(st.l_acc, p[kk]);
+  }
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(st.o_acc, p[kk], Tile::mnmajor_desc(v, kk));
+  wgmma_commit();
+  wgmma_wait<0>();
+}
+
+template <typename T, int D, bool WG>
+__global__ void __launch_bounds__(128, WG ? 3 : 2)  // CTAs per SM: mma.sync 2 (up to 255 registers), wgmma 3 (168)
 deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
                     const T* __restrict__ k_pool, i64 k_sp, int k_sh, int k_sr,
                     const T* __restrict__ v_pool, i64 v_sp, int v_sh, int v_sr, int log2_page,
@@ -138,11 +190,15 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
                     float* __restrict__ mid_o, float* __restrict__ mid_lse,
                     int num_heads, int group, float scale_log2) {
   using Cfg = DeftConfig<D>;
-  using Tile = SwizzledTile<D>;
+  // wgmma reads its own swizzled layout, from 1024-byte-aligned tiles (the host adds 1 KB); the
+  // mma.sync kernel keeps the [rows][D] layout (measured: 13% faster than WgTile through ldmatrix).
+  typedef typename Conditional<WG, WgTile<D, 64>, SwizzledTile<D>>::type Tile;
+  static_assert(!WG || kHaveWgmma, "the wgmma kernel needs the sm_90a target");
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* smem_q = reinterpret_cast<T*>(smem_raw);                       // [64][D]
-  T* smem_kv = smem_q + Cfg::kQElems;                               // [2][2][64][D]
-  DeftToken* smem_rec = reinterpret_cast<DeftToken*>(smem_kv + 4 * Cfg::kTileElems);  // [kRecRing][64]
+  unsigned char* smem_base = WG ? smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023) : smem_raw;
+  constexpr int kTileUnits = WG ? 4 : 5;  // [64][D] tiles: Q + 2 K/V stages, or 2 stages (wgmma: Q in registers)
+  T* smem_tiles = reinterpret_cast<T*>(smem_base);
+  DeftToken* smem_rec = reinterpret_cast<DeftToken*>(smem_tiles + kTileUnits * Cfg::kTileElems);  // [kRecRing][64]
   __shared__ __align__(8) u32 smem_vis[2][Cfg::kBlockM][2];  // per tile slot and query: 64 key bits
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -155,9 +211,13 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   const int rows = (ch.q1 - ch.q0) * group;
   const int m0 = row_tile * Cfg::kBlockM;
   const int rows_here = min(Cfg::kBlockM, rows - m0);
-  const int warps_m = rows_here <= 16 ? 1 : (rows_here <= 32 ? 2 : 4);
+  const int warps_m = WG || rows_here > 32 ? 4 : (rows_here <= 16 ? 1 : 2);  // wgmma: always 64 rows
   const int warps_n = Cfg::kWarps / warps_m;
   const int wm = warp % warps_m, wn = warp / warps_m;
+  // mma.sync: Q in tile 0, K/V stage s in tiles 1 + 2 s (K) and 2 + 2 s (V). wgmma: stage s in
+  // tiles 2 s and 2 s + 1; Q passes through tile 2 (stage 1's K) on its way to registers.
+  T* smem_q = smem_tiles + (WG ? 2 : 0) * Cfg::kTileElems;
+  T* smem_kv = smem_tiles + (WG ? 0 : 1) * Cfg::kTileElems;
 
   // Step 2: async loads. Q rows past the tile and keys past tok_end are zero-filled; a
   // zero-filled record has q_lo = q_hi = 0, so its key is visible to nobody. The records of tile
@@ -179,12 +239,11 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
                   ok ? 16 : 0);
     }
   };
-  // This thread copies the 16-byte column tid % kChunks of its rows (kThreads is a multiple of
-  // kChunks): the head and the column are folded into one base pointer per pool.
-  const T* k_col = k_pool + hk * k_sh + (tid % Cfg::kChunks) * 8;
-  const T* v_col = v_pool + hk * v_sh + (tid % Cfg::kChunks) * 8;
-  auto load_kv = [&](int tile) {  // its records have landed and are visible
-    T* sk = smem_kv + (tile & 1) * 2 * Cfg::kTileElems;
+  // This thread copies the 16-byte column `col` of its rows; the head and column offsets are
+  // recomputed per copy rather than held in two base pointers (wgmma's 168-register budget).
+  const int col = (tid % Cfg::kChunks) * 8;
+  auto load_kv = [&](int tile, int stage) {  // its records have landed and are visible
+    T* sk = smem_kv + stage * 2 * Cfg::kTileElems;
     T* sv = sk + Cfg::kTileElems;
     const DeftToken* srec = smem_rec + (tile % Cfg::kRecRing) * Cfg::kBlockN;
     const int tile_start = ch.tok_begin + tile * Cfg::kBlockN;
@@ -196,8 +255,8 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
       const int slot = srec[r].slot;  // 0 past tok_end (zero-filled): a real row, nothing read
       const i64 page = slot >> log2_page;
       const int prow = slot & ((1 << log2_page) - 1);
-      cp_async_16(smem_addr(sk + Tile::offset(r, cc)), k_col + page * k_sp + prow * k_sr, ok ? 16 : 0);
-      cp_async_16(smem_addr(sv + Tile::offset(r, cc)), v_col + page * v_sp + prow * v_sr, ok ? 16 : 0);
+      cp_async_16(smem_addr(sk + Tile::offset(r, cc)), k_pool + (page * k_sp + (hk * k_sh + prow * k_sr + col)), ok ? 16 : 0);
+      cp_async_16(smem_addr(sv + Tile::offset(r, cc)), v_pool + (page * v_sp + (hk * v_sh + prow * v_sr + col)), ok ? 16 : 0);
     }
   };
 
@@ -214,9 +273,9 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
     const DeftToken rec = smem_rec[(tile % Cfg::kRecRing) * Cfg::kBlockN + tid];
     return rec.q_lo <= ch.q0 && ch.q1 <= rec.q_hi && rec.mask_col < 0;
   };
-  const int q_first = ch.q0 + m0 / group;                    // this CTA's queries: q_first + ql
-  const int nq_here = (m0 + rows_here - 1) / group - m0 / group + 1;  // <= 64
   auto build_vis = [&](int tile) {  // warp w: queries w, w + 4, ...; lane: keys lane and 32 + lane
+    const int q_first = ch.q0 + m0 / group;                    // this CTA's queries: q_first + ql
+    const int nq_here = (m0 + rows_here - 1) / group - m0 / group + 1;  // <= 64
     const DeftToken* srec = smem_rec + (tile % Cfg::kRecRing) * Cfg::kBlockN;
     const DeftToken rec[2] = {srec[lane], srec[32 + lane]};
     for (int ql = warp; ql < nq_here; ql += Cfg::kWarps) {
@@ -230,16 +289,6 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
       }
     }
   };
-
-  load_q();
-  load_rec(0);
-  if (num_tiles > 1) load_rec(1);
-  cp_async_commit();
-  cp_async_wait<0>();
-  bool full_next = __syncthreads_and(vote(0));
-  if (!full_next) build_vis(0);
-  load_kv(0);
-  cp_async_commit();
 
   // Step 3: per-warp state: rows m0 + 16 wm + {g, g + 8}; in every tile, keys [KW wn, KW (wn + 1))
   // with KW = 64 / warps_n: one softmax step of KW keys per warp and tile.
@@ -256,21 +305,43 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   for (int e = 0; e < 4; ++e) l_acc[e] = 0.f;
   row_max[0] = row_max[1] = neg_inf();
 
-  // This lane's rows as queries of the CTA (rows past the chunk, computed but never stored, clamp).
-  int ql_row[2];
+  // Prologue: Q and the records of tiles 0 and 1, then (after the barrier that publishes them and
+  // ANDs the votes of tile 0) the K/V of tile 0.
+  load_q();
+  load_rec(0);
+  if (num_tiles > 1) load_rec(1);
+  cp_async_commit();
+  cp_async_wait<0>();
+  bool full_next = __syncthreads_and(vote(0));
+  if (!full_next) build_vis(0);
+  auto tile_vis = [&](int tile, bool full, unsigned long long (&vis)[2]) {  // this lane's rows' bits
 #pragma unroll
-  for (int r = 0; r < 2; ++r) ql_row[r] = min(m0 + warp_row0 + g + 8 * r, rows - 1) / group - m0 / group;
+    for (int r = 0; r < 2; ++r) {
+      const int ql = min(m0 + warp_row0 + g + 8 * r, rows - 1) / group - m0 / group;  // rows past the chunk clamp
+      vis[r] = full ? ~0ull : *reinterpret_cast<const unsigned long long*>(smem_vis[tile & 1][ql]);
+    }
+  };
+
+  // wgmma: Q moves to registers once the barrier above has published it.
+  u32 qf[WG ? D / 16 : 1][4];
+  if constexpr (WG) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, Tile>(qf[kk], smem_q, warp_row0, kk, lane);
+  }
 
   // Step 4: the KV loop, one 64-key tile per iteration and one barrier: after it, tile `it`, the
-  // records of tile it + 1 and the visibility bits of tile it are visible, and every warp has
-  // left tile it - 1, whose K/V stage, record slot and bits slot now take tile it + 1, the records
-  // of tile it + 2 and the bits of tile it + 1.
+  // records of tile it + 1 and the visibility bits of tile it are visible, and every warp has left
+  // tile it - 1, whose K/V stage, record slot and bits slot now take tile it + 1 (over Q's staging
+  // copy in the first round, for wgmma), the records of tile it + 2 and the bits of tile it + 1.
+  load_kv(0, 0);
+  cp_async_commit();
   for (int it = 0; it < num_tiles; ++it) {
     cp_async_wait<0>();  // this thread's part of tile it and of the records of tile it + 1
+    if constexpr (WG) fence_proxy_async();  // the copies (generic proxy) before the wgmma reads (async proxy)
     const bool full = full_next;
     full_next = __syncthreads_and(vote(it + 1));
     if (it + 1 < num_tiles) {
-      load_kv(it + 1);
+      load_kv(it + 1, (it + 1) & 1);
       if (!full_next) build_vis(it + 1);
     }
     if (it + 2 < num_tiles) load_rec(it + 2);
@@ -278,15 +349,15 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
     const T* sk = smem_kv + (it & 1) * 2 * Cfg::kTileElems;
     const T* sv = sk + Cfg::kTileElems;
 
-    if (warp_active) {
-      unsigned long long vis[2] = {~0ull, ~0ull};
-      if (!full) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) vis[r] = *reinterpret_cast<const unsigned long long*>(smem_vis[it & 1][ql_row[r]]);
-      }
-      if (warps_n == 1) deft_step<64>(st, smem_q, sk, sv, full, vis, warp_row0, 0, scale_log2, lane);
-      else if (warps_n == 2) deft_step<32>(st, smem_q, sk, sv, full, vis, warp_row0, 32 * wn, scale_log2, lane);
-      else deft_step<16>(st, smem_q, sk, sv, full, vis, warp_row0, 16 * wn, scale_log2, lane);
+    if constexpr (WG) {  // every warp: rows past the chunk are computed and never stored
+      deft_step_wg<T, D>(st, qf, smem_addr(sk), smem_addr(sv), full,
+                         [&](unsigned long long (&vis)[2]) { tile_vis(it, false, vis); }, scale_log2, lane);
+    } else if (warp_active) {
+      unsigned long long vis[2];
+      tile_vis(it, full, vis);
+      if (warps_n == 1) deft_step<64, Tile>(st, smem_q, sk, sv, full, vis, warp_row0, 0, scale_log2, lane);
+      else if (warps_n == 2) deft_step<32, Tile>(st, smem_q, sk, sv, full, vis, warp_row0, 32 * wn, scale_log2, lane);
+      else deft_step<16, Tile>(st, smem_q, sk, sv, full, vis, warp_row0, 16 * wn, scale_log2, lane);
     }
   }
 

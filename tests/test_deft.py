@@ -254,10 +254,23 @@ def check_gpu(c, plan, q, what, **kw):
     return out
 
 
+@pytest.fixture(params=["wgmma", "mma.sync"])
+def stage1(request, monkeypatch):
+    """Each stage-1 kernel the device runs: on compute capability 9.0 the wgmma (sm_90a) kernel by
+    default and the portable mma.sync kernel with FLASHTREE_WGMMA=0; elsewhere only the latter."""
+    wgmma = request.param == "wgmma"
+    if wgmma and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma needs compute capability 9.0")
+    monkeypatch.setattr(deft, "_WGMMA", wgmma)
+    monkeypatch.setattr(deft, "_validated", {})  # validated entries keep their loaded kernels
+    assert deft.use_wgmma(torch.device("cuda")) == wgmma
+    return request.param
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
-def test_kernel_random_trees(dtype, d, gen):
+def test_kernel_random_trees(dtype, d, gen, stage1):
     shapes = [  # depth, branching, max node length, (H, Hkv)
         (1, 1, 2000, (8, 8)), (2, 8, 300, (32, 8)), (3, 5, 700, (4, 1)), (4, 3, 2000, (16, 2)),
         (6, 2, 257, (8, 2)), (5, 4, 61, (28, 4)),
@@ -276,7 +289,7 @@ def test_kernel_random_trees(dtype, d, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 7, 64, 256])
-def test_speculative_tree_tail(t, gen):
+def test_speculative_tree_tail(t, gen, stage1):
     c = shared_prefix_cache(1024 - t, 1, t, hkv=8, d=128, dtype=torch.bfloat16, gen=gen)
     c.k_pools[0], c.v_pools[0] = c.k_pools[0].cuda(), c.v_pools[0].cuda()
     poison_unused(c)
@@ -288,7 +301,7 @@ def test_speculative_tree_tail(t, gen):
 
 
 @pytest.mark.gpu
-def test_deterministic_noncontiguous_and_lse(gen):
+def test_deterministic_noncontiguous_and_lse(gen, stage1):
     c = build_tree(gen, depth=3, max_branch=6, max_len=900, hkv=4, d=128, dtype=torch.bfloat16, device="cuda")
     plan = deft.deft_plan(c, 16)
     q = torch.randn(16, plan.num_queries, 128, generator=gen).to("cuda", torch.bfloat16).transpose(0, 1)  # strided
@@ -356,7 +369,7 @@ def test_plan_workspace_per_stream_and_not_in_graphs(gen):
 
 
 @pytest.mark.gpu
-def test_shared_prefix_matches_paged_decode_per_branch(gen):
+def test_shared_prefix_matches_paged_decode_per_branch(gen, stage1):
     s, b, u = 3000, 9, 77
     c = shared_prefix_cache(s, b, u, hkv=8, d=128, dtype=torch.bfloat16, gen=gen)
     c.k_pools[0], c.v_pools[0] = c.k_pools[0].cuda(), c.v_pools[0].cuda()

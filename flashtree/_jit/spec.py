@@ -31,6 +31,7 @@ class KernelSpec:
                    generated code (dtype, head_dim, tile sizes) and nothing else.
     name:          readable and unique, e.g. ``"merge_bf16_d128"``: cache files, logs, reports.
     arch_suffix:   ``"a"`` for kernels that need the arch-specific target (wgmma on sm_90a).
+    archs:         the base targets it is built for (``("sm_90",)`` for an sm_90a kernel); empty: all.
     """
 
     family: str
@@ -38,6 +39,14 @@ class KernelSpec:
     template_args: tuple
     name: str
     arch_suffix: str = ""
+    archs: tuple = ()
+
+    def target(self, arch: str) -> str | None:
+        """The NVRTC target for base target ``arch`` ("sm_90" -> "sm_90a"), or None if not built for it."""
+        base = arch.removesuffix("a")
+        if self.archs and base not in self.archs:
+            return None
+        return base + self.arch_suffix if self.arch_suffix else arch
 
     @property
     def name_expression(self) -> str:

@@ -14,6 +14,10 @@ typedef long long i64;
 struct __align__(2) f16 { u16 bits; };
 struct __align__(2) bf16 { u16 bits; };
 
+// Conditional<C, A, B>::type is A when C holds, else B (std::conditional; no std headers here).
+template <bool C, typename A, typename B> struct Conditional { typedef A type; };
+template <typename A, typename B> struct Conditional<false, A, B> { typedef B type; };
+
 // A 16-byte vector: the unit of every global-memory load and store here.
 struct __align__(16) Vec16 { u32 w[4]; };
 

@@ -1,7 +1,8 @@
 // flashtree: warp-level GEMM steps on swizzled [rows][D] shared-memory tiles (mma.sync m16n8k16).
 //
 // One warp owns a 16-row slab of the output. Every operand tile in shared memory is row-major
-// [rows][D] 16-bit with the SwizzledTile<D> layout, so one tile serves both as "B^T" (rows are the
+// [rows][D] 16-bit with the SwizzledTile<D> layout (or another Layout with the same offset(row,
+// chunk), such as wgmma.cuh's WgTile), so one tile serves both as "B^T" (rows are the
 // output columns: S = Q K^T reads K this way) and as "B" (rows are the reduction index: O = P V
 // reads V this way, through ldmatrix.trans). Accumulator fragments follow mma.cuh's C layout.
 #pragma once
@@ -13,24 +14,24 @@
 namespace ft {
 
 // A operand: the 16 x 16 block (rows row0..row0+15, columns 16 kk..16 kk+15) of a [rows][D] tile.
-template <int D, typename T>
+template <int D, typename Layout = SwizzledTile<D>, typename T>
 __device__ __forceinline__ void load_a_frag(u32 (&a)[4], const T* tile, int row0, int kk, int lane) {
   const int r = row0 + (lane % 8) + 8 * ((lane / 8) % 2);
-  ldmatrix_x4(a, smem_addr(tile + SwizzledTile<D>::offset(r, 2 * kk + lane / 16)));
+  ldmatrix_x4(a, smem_addr(tile + Layout::offset(r, 2 * kk + lane / 16)));
 }
 
 // acc (16 x N) += A (16 x 16, reduction block kk) * B^T, B the rows n0..n0+N-1 of a [rows][D] tile:
 //   acc[m][n] += sum_k A[m][k] * tile[n0 + n][16 kk + k].
 // The _mt forms take MT independent 16-row A blocks (a warp owning 16 MT rows) and load each B
 // fragment once for all of them: MT times fewer ldmatrix per mma, MT independent mma chains.
-template <int D, int N, int MT, typename T>
+template <int D, int N, int MT, typename Layout = SwizzledTile<D>, typename T>
 __device__ __forceinline__ void mma_abt_mt(float (&acc)[MT][N / 8][4], const u32 (&a)[MT][4], const T* tile,
                                            int n0, int kk, int lane) {
 #pragma unroll
   for (int j2 = 0; j2 < N / 16; ++j2) {
     u32 b[4];
     const int r = n0 + j2 * 16 + (lane % 8) + 8 * (lane / 16);
-    ldmatrix_x4(b, smem_addr(tile + SwizzledTile<D>::offset(r, 2 * kk + (lane / 8) % 2)));
+    ldmatrix_x4(b, smem_addr(tile + Layout::offset(r, 2 * kk + (lane / 8) % 2)));
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       mma_16816<T>(acc[mt][2 * j2], a[mt], b[0], b[1]);
@@ -39,23 +40,23 @@ __device__ __forceinline__ void mma_abt_mt(float (&acc)[MT][N / 8][4], const u32
   }
 }
 
-template <int D, int N, typename T>
+template <int D, int N, typename Layout = SwizzledTile<D>, typename T>
 __device__ __forceinline__ void mma_abt(float (&acc)[N / 8][4], const u32 (&a)[4], const T* tile, int n0,
                                         int kk, int lane) {
-  mma_abt_mt<D, N, 1>(reinterpret_cast<float(&)[1][N / 8][4]>(acc), reinterpret_cast<const u32(&)[1][4]>(a),
+  mma_abt_mt<D, N, 1, Layout>(reinterpret_cast<float(&)[1][N / 8][4]>(acc), reinterpret_cast<const u32(&)[1][4]>(a),
                       tile, n0, kk, lane);
 }
 
 // acc (16 x D) += A (16 x 16) * B, B the rows k0..k0+15 of a [rows][D] tile:
 //   acc[m][d] += sum_k A[m][k] * tile[k0 + k][d].
-template <int D, int MT, typename T>
+template <int D, int MT, typename Layout = SwizzledTile<D>, typename T>
 __device__ __forceinline__ void mma_ab_mt(float (&acc)[MT][D / 8][4], const u32 (&a)[MT][4], const T* tile,
                                           int k0, int lane) {
 #pragma unroll
   for (int dn = 0; dn < D / 16; ++dn) {
     u32 b[4];
     const int r = k0 + (lane % 8) + 8 * ((lane / 8) % 2);
-    ldmatrix_x4_trans(b, smem_addr(tile + SwizzledTile<D>::offset(r, 2 * dn + lane / 16)));
+    ldmatrix_x4_trans(b, smem_addr(tile + Layout::offset(r, 2 * dn + lane / 16)));
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       mma_16816<T>(acc[mt][2 * dn], a[mt], b[0], b[1]);
@@ -64,9 +65,9 @@ __device__ __forceinline__ void mma_ab_mt(float (&acc)[MT][D / 8][4], const u32 
   }
 }
 
-template <int D, typename T>
+template <int D, typename Layout = SwizzledTile<D>, typename T>
 __device__ __forceinline__ void mma_ab(float (&acc)[D / 8][4], const u32 (&a)[4], const T* tile, int k0, int lane) {
-  mma_ab_mt<D, 1>(reinterpret_cast<float(&)[1][D / 8][4]>(acc), reinterpret_cast<const u32(&)[1][4]>(a), tile,
+  mma_ab_mt<D, 1, Layout>(reinterpret_cast<float(&)[1][D / 8][4]>(acc), reinterpret_cast<const u32(&)[1][4]>(a), tile,
                   k0, lane);
 }
 
