@@ -67,9 +67,10 @@ _MERGE_THREADS = 256
 
 
 def _smem_bytes(head_dim: int, wgmma: bool) -> int:
-    # 5 [64][D] 16-bit tiles (Q and 2 K/V stages) or, for wgmma, 4 (2 K/V stages, Q in registers);
-    # the 4-slot record ring; and 1 KB to start the tiles on a 1024-byte boundary.
-    return (4 if wgmma else 5) * 2 * BLOCK_N * head_dim + 4 * BLOCK_N * 16 + 1024
+    # 5 [64][D] 16-bit tiles (Q and 2 K/V stages) and the 3-slot record ring; wgmma: 4 tiles (2 K/V
+    # stages, Q in registers) and 1 KB more to start them on a 1024-byte boundary.
+    tiles = 2 * BLOCK_N * head_dim * (4 if wgmma else 5) + 3 * BLOCK_N * 16
+    return tiles + 1024 if wgmma else tiles
 
 
 # Stage 1 on Hopper (compute capability 9.0): the 64-row tiles run on wgmma (an sm_90a kernel).
@@ -84,14 +85,11 @@ def use_wgmma(device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=None)  # called on every launch: build each spec once
 def spec(dtype: torch.dtype, head_dim: int, wgmma: bool = False) -> _jit.KernelSpec:
-    if wgmma:
-        return _jit.KernelSpec(family="deft", kernel="ft::deft_partial_kernel",
-                               template_args=(_jit.ctype(dtype), head_dim, "true"),
-                               name=f"deft_partial_{_jit.short(dtype)}_d{head_dim}_wgmma",
-                               arch_suffix="a", archs=("sm_90",))
+    """Stage 1; ``wgmma``: the sm_90a kernel (built for sm_90 only)."""
     return _jit.KernelSpec(family="deft", kernel="ft::deft_partial_kernel",
-                           template_args=(_jit.ctype(dtype), head_dim, "false"),
-                           name=f"deft_partial_{_jit.short(dtype)}_d{head_dim}")
+                           template_args=(_jit.ctype(dtype), head_dim, "true" if wgmma else "false"),
+                           name=f"deft_partial_{_jit.short(dtype)}_d{head_dim}{'_wgmma' if wgmma else ''}",
+                           arch_suffix="a" if wgmma else "", archs=("sm_90",) if wgmma else ())
 
 
 @functools.lru_cache(maxsize=None)

@@ -25,9 +25,9 @@
 //   and tests nothing (one __syncthreads_and vote per tile); for any other tile the CTA first
 //   writes 64 visibility bits per query into shared memory, one tile ahead, and each score tests
 //   one bit.
-//   Shared memory: Q [64][D] + 2 stages x (K [64][D] + V [64][D]) + 4 x records [64][16 B], 16-bit
-//   [rows][D] tiles XOR-swizzled (SwizzledTile); bytes = 5 * 2 * 64 * D + 4 * 64 * 16 + 1024 (the
-//   host: same formula), plus 1 KB of static visibility bits. K/V rows arrive by cp.async,
+//   Shared memory: Q [64][D] + 2 stages x (K [64][D] + V [64][D]) + 3 x records [64][16 B], 16-bit
+//   [rows][D] tiles XOR-swizzled (SwizzledTile); bytes = 5 * 2 * 64 * D + 3 * 64 * 16 (the host:
+//   same formula), plus 1 KB of static visibility bits. K/V rows arrive by cp.async,
 //   double-buffered; a tile's records arrive one tile earlier, so the page lookups of its K/V
 //   copies read shared memory, not global memory, in the issue path, and its visibility bits are
 //   ready with it.
@@ -36,8 +36,8 @@
 //   D / 16 wgmma m64n64k16 with Q in registers (A fragments, loaded once through shared memory)
 //   and K from shared memory; O += P V is 4 wgmma m64nDk16 with P from registers and V from
 //   shared memory ("transposed" B). Its tiles use wgmma.cuh's WgTile layout from a 1024-byte
-//   boundary; with Q out of shared memory a CTA needs 4 tiles (2 K/V stages), 68 KB at D = 128,
-//   and at most 168 registers, so 3 CTAs share an SM (12 warps).
+//   boundary (the host adds 1 KB); with Q out of shared memory a CTA needs 4 tiles (2 K/V stages),
+//   68 KB at D = 128, and at most 168 registers, so 3 CTAs share an SM (12 warps).
 // Stage 2 (deft_merge_kernel), per (query q, head h): merges the partials
 //   slot_idx[q_indptr[q] .. q_indptr[q + 1]) in that (chunk) order, no atomics: bitwise
 //   deterministic. kLanes = D / 4 threads per row, each owning 4 floats of head_dim; the lanes
@@ -76,7 +76,7 @@ struct DeftConfig {
   static constexpr int kQElems = kBlockM * D;
   static constexpr int kTileElems = kBlockN * D;
   static constexpr int kLoadIters = kBlockN * kChunks / kThreads;  // K/V chunks per thread and tile
-  static constexpr int kRecRing = 4;  // record slots (the wgmma loop keeps 4 tiles' records, the other 3)
+  static constexpr int kRecRing = 3;  // record slots: tiles it (in use), it + 1 (K/V loading), it + 2 (arriving)
   // The cross-warp merge buffer, per warp: o (D / 8 x 4 floats per lane) + max and sum (2 + 2).
   static constexpr int kRedFloats = (D / 2 + 4) * 32;
   static_assert(kBlockN * kChunks % kThreads == 0, "whole load rounds");
@@ -146,8 +146,8 @@ __device__ __forceinline__ void deft_step(DeftRows<D>& st, const T* smem_q, cons
 // fragments; K from shared memory), each warp then runs the softmax of its 16 rows on its
 // fragment of S (the mma.sync layout), and O (64 x D) += P V takes P from registers and V from
 // shared memory. k and v are the tiles' shared-memory byte addresses (WgTile<D, 64> layout,
-// 1024-byte aligned); tile_vis(vis) reads the lane's visibility bits (called only if !full). Both products complete before it returns: the next barrier may hand this
-// tile's K/V stage to a copy.
+// 1024-byte aligned); tile_vis(vis) reads the lane's visibility bits (called only if !full). Both
+// products complete before it returns: the next barrier may hand this tile's K/V stage to a copy.
 template <typename T, int D, typename VisFn>
 __device__ __forceinline__ void deft_step_wg(DeftRows<D>& st, const u32 (&q)[D / 16][4], u32 k, u32 v, bool full,
                                              VisFn tile_vis, float scale_log2, int lane) {
@@ -314,11 +314,11 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   cp_async_wait<0>();
   bool full_next = __syncthreads_and(vote(0));
   if (!full_next) build_vis(0);
-  auto tile_vis = [&](int tile, bool full, unsigned long long (&vis)[2]) {  // this lane's rows' bits
+  auto tile_vis = [&](int tile, unsigned long long (&vis)[2]) {  // this lane's rows' bits of a tile
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int ql = min(m0 + warp_row0 + g + 8 * r, rows - 1) / group - m0 / group;  // rows past the chunk clamp
-      vis[r] = full ? ~0ull : *reinterpret_cast<const unsigned long long*>(smem_vis[tile & 1][ql]);
+      vis[r] = *reinterpret_cast<const unsigned long long*>(smem_vis[tile & 1][ql]);
     }
   };
 
@@ -351,10 +351,10 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 
     if constexpr (WG) {  // every warp: rows past the chunk are computed and never stored
       deft_step_wg<T, D>(st, qf, smem_addr(sk), smem_addr(sv), full,
-                         [&](unsigned long long (&vis)[2]) { tile_vis(it, false, vis); }, scale_log2, lane);
+                         [&](unsigned long long (&vis)[2]) { tile_vis(it, vis); }, scale_log2, lane);
     } else if (warp_active) {
-      unsigned long long vis[2];
-      tile_vis(it, full, vis);
+      unsigned long long vis[2] = {~0ull, ~0ull};
+      if (!full) tile_vis(it, vis);
       if (warps_n == 1) deft_step<64, Tile>(st, smem_q, sk, sv, full, vis, warp_row0, 0, scale_log2, lane);
       else if (warps_n == 2) deft_step<32, Tile>(st, smem_q, sk, sv, full, vis, warp_row0, 32 * wn, scale_log2, lane);
       else deft_step<16, Tile>(st, smem_q, sk, sv, full, vis, warp_row0, 16 * wn, scale_log2, lane);
