@@ -11,6 +11,7 @@
   python benchmarks/diag.py deft_chunks I                   deft_attention on row I for each chunk length
   python benchmarks/diag.py hostprofile                     cProfile of the host path of tiny calls
 """
+import os
 import sys
 
 import torch
@@ -199,9 +200,26 @@ def deft_kernels():
                 print(f"  {e.key[:60]:60s} {e.count:4d} x {e.device_time_total / e.count:8.1f} us")
 
 
-def deft_row(i):
-    """deft_attention on row i of the shared-prefix suite, a few calls (for ncu)."""
-    _deft_call(i)
+def deft_row(i, chunk_len=0, block_m=0):
+    """deft_attention on row i of the shared-prefix suite, a few calls (for ncu); optionally with a
+    given chunk length and rows per work item (0: the plan's choice)."""
+    if not chunk_len and not block_m:
+        _deft_call(i)
+        return
+    from flashtree import deft
+    from flashtree.bench.suites import shared_prefix as sp
+    cache, n, masks = sp.build_cache(sp.WORKLOADS[i], torch.device("cuda"))
+    plan = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks, chunk_len=chunk_len or None,
+                          block_m=block_m or None)
+    q = torch.randn(plan.num_queries, sp.H, sp.D, device="cuda", dtype=torch.bfloat16)
+    fn = lambda: deft.deft_attention(q, cache.k_pools[0], cache.v_pools[0], plan)  # noqa: E731
+    for _ in range(4):
+        fn()
+    torch.cuda.synchronize()
+    if os.environ.get("DIAG_TIME"):
+        from flashtree.bench.timing import bench
+        print(f"row {i} chunk_len {plan.chunk_len} block_m {plan.block_m}: graph "
+              f"{bench(fn, warmup=5, iters=100, graph=True).median_us:.1f} us", flush=True)
 
 
 def deft_chunks(i):
@@ -214,12 +232,15 @@ def deft_chunks(i):
     auto_plan = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks)
     auto = auto_plan.chunk_len
     q = torch.randn(auto_plan.num_queries, sp.H, sp.D, device="cuda", dtype=torch.bfloat16)
-    for length in (512, 640, 768, 896, 1024):
-        plan = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks, chunk_len=length)
-        fn = lambda: deft.deft_attention(q, cache.k_pools[0], cache.v_pools[0], plan)  # noqa: E731
-        t = bench(fn, warmup=5, iters=50, graph=True).median_us
-        print(f"{sp._label(params)} chunk_len {length:5d}{' (plan)' if length == auto else '':7s} "
-              f"{plan.num_work:4d} items {plan.num_slots:5d} partial rows  graph {t:7.1f} us", flush=True)
+    for block_m in sorted({deft.BLOCK_M, auto_plan.block_m}):  # the 64-row kernels and the plan's
+        for length in (512, 768, 1024, 1280, 1536, 2048):
+            plan = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks, chunk_len=length,
+                                  block_m=block_m)
+            fn = lambda: deft.deft_attention(q, cache.k_pools[0], cache.v_pools[0], plan)  # noqa: E731
+            t = bench(fn, warmup=5, iters=50, graph=True).median_us
+            mark = " (plan)" if (length, block_m) == (auto, auto_plan.block_m) else ""
+            print(f"{sp._label(params)} block_m {block_m:3d} chunk_len {length:5d}{mark:7s} "
+                  f"{plan.num_work:4d} items {plan.num_slots:5d} partial rows  graph {t:7.1f} us", flush=True)
 
 
 def merge(n, s):

@@ -8,9 +8,11 @@ from flashtree.kvcache import TreeKVCache
 
 torch.manual_seed(0)
 dev = "cuda"
-# 3 leaves: chunks of up to 28 rows (16- and 32-key steps); 13 leaves: 64-row tiles (64-key steps).
+# 3 leaves: chunks of up to 28 rows (16- and 32-key steps); 13 leaves: 64-row tiles (64-key steps);
+# 41 leaves: 172 rows (on Hopper a 128-row work item, each consumer warpgroup 64 rows, and a split one).
 for dtype, d, hkv, h, page, lens in [(torch.bfloat16, 128, 2, 8, 16, (1, 40, 9)), (torch.float16, 64, 1, 4, 8, (1, 40, 9)),
-                                     (torch.bfloat16, 128, 2, 8, 16, (1, 40, 9) + tuple(range(2, 12)))]:
+                                     (torch.bfloat16, 128, 2, 8, 16, (1, 40, 9) + tuple(range(2, 12))),
+                                     (torch.bfloat16, 128, 2, 8, 16, (1, 40, 9) + tuple(range(2, 40)))]:
     c = TreeKVCache(1, 160, hkv, d, page_size=page, dtype=dtype, device=dev)
     root = c.create_root(None, torch.randn(1, 150, hkv, d, device=dev, dtype=dtype), torch.randn(1, 150, hkv, d, device=dev, dtype=dtype))
     kids = c.fork(root, len(lens))

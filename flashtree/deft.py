@@ -47,17 +47,22 @@ from __future__ import annotations
 import functools
 import math
 import os
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import _checks, _interop, _jit, reference
+from ._jit import tma
 from .kvcache.tree_cache import TreeKVCache
 
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
-BLOCK_M = 64   # query rows per CTA (kernels_cu/deft.cu: DeftConfig::kBlockM)
+BLOCK_M = 64   # query rows per work item (kernels_cu/deft.cu: DeftConfig::kBlockM)
+WS_BLOCK_M = 128  # the Hopper warp-specialised kernel's (DeftWsConfig::kBlockM)
+WS_BLOCK_N = int(os.environ.get("FLASHTREE_DEFT_WS_KN", "64"))  # keys per K/V tile (DeftWsConfig::kBlockN)
+WS_STAGES = {64: 5, 128: 2}  # its K/V ring (DeftWsConfig::kStages)
 BLOCK_N = 64   # keys per KV tile
 CTA_OVERHEAD_KEYS = 128  # L0 of the chunk-length model (module docstring)
 PARTIAL_ROW_KEYS = 2     # one fp32 partial row written and read back ~ 2 keys' K + V (bf16)
@@ -71,6 +76,14 @@ def _smem_bytes(head_dim: int, wgmma: bool) -> int:
     # stages, Q in registers) and 1 KB more to start them on a 1024-byte boundary.
     tiles = 2 * BLOCK_N * head_dim * (4 if wgmma else 5) + 3 * BLOCK_N * 16
     return tiles + 1024 if wgmma else tiles
+
+
+def _ws_smem_bytes(head_dim: int) -> int:
+    # DeftWsConfig::kBytes: Q [2][64][D] and the ring of [128][D] K/V tiles, per stage 128 queries'
+    # 128 visibility bits, 2 mbarriers and a flag; 1 KB more to start the tiles on a 1024-byte boundary.
+    stages = WS_STAGES[WS_BLOCK_N]
+    tiles = (2 * 64 + 2 * stages * WS_BLOCK_N) * head_dim * 2
+    return tiles + stages * (WS_BLOCK_M * WS_BLOCK_N // 8 + 16 + 4) + 1024
 
 
 # Stage 1 on Hopper (compute capability 9.0): the 64-row tiles run on wgmma (an sm_90a kernel).
@@ -93,6 +106,15 @@ def spec(dtype: torch.dtype, head_dim: int, wgmma: bool = False) -> _jit.KernelS
 
 
 @functools.lru_cache(maxsize=None)
+def ws_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
+    """Stage 1, the warp-specialised sm_90a kernel (128-row work items)."""
+    return _jit.KernelSpec(family="deft", kernel="ft::deft_partial_ws_kernel",
+                           template_args=(_jit.ctype(dtype), head_dim, WS_BLOCK_N),
+                           name=f"deft_partial_ws{WS_BLOCK_N}_{_jit.short(dtype)}_d{head_dim}",
+                           arch_suffix="a", archs=("sm_90",))
+
+
+@functools.lru_cache(maxsize=None)
 def merge_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
     return _jit.KernelSpec(family="deft", kernel="ft::deft_merge_kernel",
                            template_args=(_jit.ctype(dtype), head_dim),
@@ -100,7 +122,7 @@ def merge_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
 
 
 _jit.register_shipped("deft", lambda: [s for dt in DTYPES for d in HEAD_DIMS
-                                       for s in (spec(dt, d), spec(dt, d, wgmma=True), merge_spec(dt, d))])
+                                       for s in (spec(dt, d), spec(dt, d, wgmma=True), ws_spec(dt, d), merge_spec(dt, d))])
 
 
 # ---------------------------------------------------------------------------------- the plan
@@ -125,6 +147,7 @@ class DeftPlan:
     page_size: int
     num_pages: int
     chunk_len: int
+    block_m: int  # rows per work item: 128 for the Hopper warp-specialised kernel, else 64
     host: dict[str, np.ndarray]
     meta: torch.Tensor
     offsets: dict[str, int]
@@ -198,7 +221,7 @@ class DeftPlan:
 
 
 def choose_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: int,
-                     num_sms: int, ctas_per_sm: int = 2) -> int:
+                     num_sms: int, ctas_per_sm: int = 2, block_m: int = BLOCK_M) -> int:
     """The chunk length (tokens, a multiple of 64) minimising the wave model of the module docstring."""
     n = len(q_lo)
     if n == 0:
@@ -209,7 +232,7 @@ def choose_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_head
         length = mult * BLOCK_N
         starts = np.arange(0, n, length)
         rows = (np.maximum.reduceat(q_hi, starts) - np.minimum.reduceat(q_lo, starts)) * group
-        work = int(np.sum(-(-rows // BLOCK_M)))
+        work = int(np.sum(-(-rows // block_m)))
         partials = PARTIAL_ROW_KEYS * num_kv_heads * int(rows.sum()) / slots  # spread over the machine
         cost = math.ceil(work * num_kv_heads / slots) * (length + CTA_OVERHEAD_KEYS) + partials
         if best is None or cost <= best[0]:
@@ -219,12 +242,14 @@ def choose_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_head
     return best[1]
 
 
-def _work_cost(chunks: np.ndarray, work: np.ndarray, group: int) -> np.ndarray:
+def _work_cost(chunks: np.ndarray, work: np.ndarray, group: int, block_m: int = BLOCK_M) -> np.ndarray:
     """Relative run time of each work item (chunk, row tile), for launching the longest first (so
     the last wave holds short CTAs, not one long straggler): KV tiles x (a tile's loads, ~32 keys'
     worth, + the keys each warp computes: 64 / warps_n, warps_n = 4 / warps_m)."""
     keys = chunks[work[:, 0], 1] - chunks[work[:, 0], 0]
-    rows = np.minimum(BLOCK_M, (chunks[work[:, 0], 3] - chunks[work[:, 0], 2]) * group - BLOCK_M * work[:, 1])
+    rows = np.minimum(block_m, (chunks[work[:, 0], 3] - chunks[work[:, 0], 2]) * group - block_m * work[:, 1])
+    if block_m == WS_BLOCK_M:  # 2 consumers: each takes 64 rows, or both split the tiles of <= 64 rows
+        return -(-keys // BLOCK_N) * np.where(rows <= 64, 1, 2)
     warps_m = np.where(rows <= 16, 1, np.where(rows <= 32, 2, 4))
     return -(-keys // BLOCK_N) * (32 + 16 * warps_m)
 
@@ -261,7 +286,8 @@ def _tail_mask(leaf, n, tail_masks) -> np.ndarray | None:
 
 
 def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail_masks=None,
-              device=None, num_sms: int | None = None, chunk_len: int | None = None) -> DeftPlan:
+              device=None, num_sms: int | None = None, chunk_len: int | None = None,
+              block_m: int | None = None) -> DeftPlan:
     """Plan one decoding step over ``cache``'s current tree.
 
     Args:
@@ -275,6 +301,9 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
         device: where ``meta`` goes (default: the cache's device).
         num_sms: for the chunk length; default the device's SM count (132 for a CPU plan).
         chunk_len: force a chunk length in tokens (a multiple of 64).
+        block_m: rows per work item, which fixes the stage-1 kernel: 128 (the warp-specialised
+            sm_90a kernel; the default on compute capability 9.0 unless FLASHTREE_WGMMA=0) or 64
+            (the 64-row kernels; the default elsewhere).
     """
     if not isinstance(cache, TreeKVCache):
         raise TypeError(f"cache: expected a flashtree.kvcache.TreeKVCache, got {type(cache).__name__}")
@@ -283,6 +312,10 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
         raise ValueError(f"num_qo_heads: expected a positive multiple of Hkv = {hkv}, got {num_qo_heads!r}")
     group = num_qo_heads // hkv
     device = torch.device(device) if device is not None else cache.k_pools[0].device
+    if block_m is None:
+        block_m = WS_BLOCK_M if use_wgmma(device) else BLOCK_M
+    elif block_m not in (BLOCK_M, WS_BLOCK_M):
+        raise ValueError(f"block_m: expected {BLOCK_M} or {WS_BLOCK_M}, got {block_m!r}")
     leaves = cache.leaves()
     if not leaves:
         raise ValueError("cache: expected a tree with a root, got an empty cache")
@@ -334,7 +367,8 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
     if num_sms is None:
         num_sms = _num_sms(device)
     if chunk_len is None:
-        chunk_len = choose_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms)
+        chunk_len = choose_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms,
+                                     *((1, WS_BLOCK_M) if block_m == WS_BLOCK_M else (2, BLOCK_M)))
     elif not isinstance(chunk_len, int) or chunk_len < BLOCK_N or chunk_len % BLOCK_N:
         raise ValueError(f"chunk_len: expected a positive multiple of {BLOCK_N}, got {chunk_len!r}")
     total = len(tokens)
@@ -343,10 +377,10 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
     q0 = np.minimum.reduceat(tokens[:, 1], starts) if total else starts
     q1 = np.maximum.reduceat(tokens[:, 2], starts) if total else starts
     chunks = np.stack([starts, ends, q0, q1], 1)
-    tiles = -(-((q1 - q0) * group) // BLOCK_M)
+    tiles = -(-((q1 - q0) * group) // block_m)
     work = np.stack([np.repeat(np.arange(len(chunks)), tiles),
                      np.concatenate([np.arange(t) for t in tiles]) if len(tiles) else np.zeros(0, np.int64)], 1)
-    work = work[np.argsort(-_work_cost(chunks, work, group), kind="stable")]
+    work = work[np.argsort(-_work_cost(chunks, work, group, block_m), kind="stable")]
 
     # Step 4: partial slots (chunk-major) and each query's list of them, in chunk order.
     widths = q1 - q0
@@ -374,7 +408,7 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
     meta = torch.from_numpy(flat).to(device)
     return DeftPlan(
         num_queries=num_q, num_heads=num_qo_heads, num_kv_heads=hkv, head_dim=cache.head_dim,
-        page_size=cache.page_size, num_pages=cache.num_pages, chunk_len=chunk_len, host=host,
+        page_size=cache.page_size, num_pages=cache.num_pages, chunk_len=chunk_len, block_m=block_m, host=host,
         meta=meta, offsets=offsets, leaves=leaves, leaf_query_offsets=leaf_off,
         leaf_path_lengths=np.array([cache.path_length(leaf) for leaf in leaves], dtype=np.int64),
         tail_masks=leaf_masks,
@@ -421,6 +455,16 @@ _PARTIAL_PARAMS = _jit.param_layout("Qqq Qqii Qqii i QQQQQQ QQ ii f")
 _MERGE_PARAMS = _jit.param_layout("QQQQ Qqq Q ii")
 
 
+def _ws_params(kernel: _jit.runtime.LoadedKernel) -> struct.Struct:
+    """deft_partial_ws_kernel's parameters: 4 tensor maps (K and V, one-row and page-run boxes;
+    128 bytes each, 64-byte aligned: the compiler may start them past offset 0, so the offset is
+    read from the loaded kernel), then deft_partial_kernel's."""
+    first = kernel.param_offset(0)
+    if first % 8 or kernel.param_offset(4) != first + 512:
+        raise RuntimeError(f"deft_partial_ws_kernel: unexpected parameter offsets {first}, {kernel.param_offset(4)}")
+    return struct.Struct("<" + "x" * first + "128s" * 4 + _PARTIAL_PARAMS.format[1:])
+
+
 @dataclass(frozen=True)
 class _Validated:
     """What a validated call signature fixes: the scale, the two loaded kernels (and stage 1's
@@ -430,16 +474,30 @@ class _Validated:
     scale: float
     partial: _jit.runtime.LoadedKernel
     partial_smem: int
+    partial_threads: int
+    partial_params: struct.Struct
     merge: _jit.runtime.LoadedKernel
     strides_aligned: bool
 
 
-def _validated_entry(q, k_pool, v_pool, scale) -> _Validated:
+def _validated_entry(q, k_pool, v_pool, scale, block_m) -> _Validated:
     d = q.shape[2]
-    wgmma = use_wgmma(q.device)
-    return _Validated(scale, _jit.get_kernel(spec(q.dtype, d, wgmma), q.device), _smem_bytes(d, wgmma),
+    if block_m == WS_BLOCK_M:
+        kernel = _jit.get_kernel(ws_spec(q.dtype, d), q.device)
+        partial = (kernel, _ws_smem_bytes(d), 384, _ws_params(kernel))
+    else:
+        wgmma = use_wgmma(q.device)
+        partial = (_jit.get_kernel(spec(q.dtype, d, wgmma), q.device), _smem_bytes(d, wgmma), 128, _PARTIAL_PARAMS)
+    return _Validated(scale, *partial,
                       _jit.get_kernel(merge_spec(q.dtype, d), q.device),
                       all(_checks.strides16(x, range(x.dim() - 1)) for x in (q, k_pool, v_pool)))
+
+
+def _ws_maps(k_pool, v_pool, page_size: int) -> tuple[bytes, ...]:
+    """The warp-specialised kernel's tensor maps: K and V pools with one-row boxes, then with
+    boxes of min(8, page_size) rows (a run of keys in one page)."""
+    run = min(8, page_size)
+    return tma.row_map(k_pool), tma.row_map(v_pool), tma.row_map(k_pool, run), tma.row_map(v_pool, run)
 
 
 def _launch(q, k_pool, v_pool, plan, entry: _Validated, mid_o: int, mid_lse: int, out, lse: int):
@@ -448,9 +506,11 @@ def _launch(q, k_pool, v_pool, plan, entry: _Validated, mid_o: int, mid_lse: int
     if plan.num_work == 0 or nq == 0:
         return
     at = plan.addresses.__getitem__
+    ws = plan.block_m == WS_BLOCK_M
     entry.partial.launch(
-        (plan.num_work * plan.num_kv_heads, 1, 1), (128, 1, 1), _PARTIAL_PARAMS,
+        (plan.num_work * plan.num_kv_heads, 1, 1), (entry.partial_threads, 1, 1), entry.partial_params,
         (
+            *(_ws_maps(k_pool, v_pool, plan.page_size) if ws else ()),
             q.data_ptr(), *q.stride()[:2],
             k_pool.data_ptr(), *k_pool.stride()[:3],
             v_pool.data_ptr(), *v_pool.stride()[:3],
@@ -490,6 +550,9 @@ def _check(q, k_pool, v_pool, plan, out, workspace):
         if max(x.stride()[1:3]) >= 2**31:
             raise ValueError(f"{name}: expected head and row strides below 2**31 elements, got strides {x.stride()}")
     _checks.same_device(q=q, k_pool=k_pool, v_pool=v_pool, plan=plan.meta)
+    if plan.block_m == WS_BLOCK_M and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) != (9, 0):
+        raise ValueError(f"plan: block_m {WS_BLOCK_M} runs the sm_90a kernel and needs compute capability 9.0, got "
+                         f"{torch.cuda.get_device_capability(q.device)}; plan with block_m={BLOCK_M}")
     if q.device.type == "cuda":
         _checks.dtype_in("q", q, DTYPES)
         _checks.one_of("q.shape[2] (head_dim)", q.shape[2], HEAD_DIMS)
@@ -545,7 +608,7 @@ def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None
             out.copy_(o)
             o = out
         return (o, lse) if return_lse else o
-    entry = _validated_entry(q_t, k_t, v_t, scale)
+    entry = _validated_entry(q_t, k_t, v_t, scale, plan.block_m)
     if signature is not None:
         _checks.remember(_validated, signature, entry)
     return _run(q_t, k_t, v_t, q, plan, entry, out, workspace, return_lse)
@@ -563,7 +626,7 @@ def _signature(q, k_pool, v_pool, plan, sm_scale, out, workspace) -> tuple | Non
     tensors = (q, k_pool, v_pool, out, *(workspace if isinstance(workspace, (tuple, list)) else (workspace,)))
     return _checks.call_signature(tensors, (len(tensors), plan.num_queries, plan.num_heads, plan.head_dim,
                                             plan.num_pages, plan.num_kv_heads, plan.page_size,
-                                            plan.meta.get_device(), sm_scale, type(sm_scale)))
+                                            plan.meta.get_device(), plan.block_m, sm_scale, type(sm_scale)))
 
 
 def _run(q_t, k_t, v_t, q, plan, entry: _Validated, out, workspace, return_lse):

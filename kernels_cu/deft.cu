@@ -89,6 +89,13 @@ struct DeftRows {
   float o_acc[D / 8][4];
   float row_max[2];
   float l_acc[4];  // row sums (mma_row_sum): row g in [0], g + 8 in [2]
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) l_acc[e] = 0.f;
+    row_max[0] = row_max[1] = neg_inf();
+  }
 };
 
 // Scores of keys kb .. kb + KW - 1 that a row's query does not see become -inf: vis[r] holds the
@@ -177,6 +184,67 @@ __device__ __forceinline__ void deft_step_wg(DeftRows<D>& st, const u32 (&q)[D /
   for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(st.o_acc, p[kk], Tile::mnmajor_desc(v, kk));
   wgmma_commit();
   wgmma_wait<0>();
+}
+
+// The end of stage 1 for split keys: the warps (or warpgroups) that ran the same rows over
+// different keys merge their states through shared memory. deft_save_rows writes a warp's state to
+// its kRedFloats slice `red`; deft_merge_rows folds the state saved at `other` into st.
+template <int D>
+__device__ __forceinline__ void deft_save_rows(const DeftRows<D>& st, float* red, int lane) {
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) red[(4 * i + e) * 32 + lane] = st.o_acc[i][e];
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    red[(D / 2 + r) * 32 + lane] = st.row_max[r];
+    red[(D / 2 + 2 + r) * 32 + lane] = st.l_acc[2 * r];
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void deft_merge_rows(DeftRows<D>& st, const float* other, int lane) {
+  float wa[2], wb[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float m_b = other[(D / 2 + r) * 32 + lane];
+    const float mx = fmaxf(st.row_max[r], m_b);
+    const float base = mx == neg_inf() ? 0.f : mx;
+    wa[r] = fast_exp2(st.row_max[r] - base);
+    wb[r] = fast_exp2(m_b - base);
+    st.row_max[r] = mx;
+    st.l_acc[2 * r] = st.l_acc[2 * r] * wa[r] + other[(D / 2 + 2 + r) * 32 + lane] * wb[r];
+  }
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) st.o_acc[i][e] = st.o_acc[i][e] * wa[e / 2] + other[(4 * i + e) * 32 + lane] * wb[e / 2];
+  }
+}
+
+// Normalise and store the partial states of the lane's rows m = m_g and m_g + 8 of chunk c (rows
+// at or past `rows` are not stored): mid_o[slot_base + m / group, hk * group + m % group, :].
+template <int D>
+__device__ __forceinline__ void deft_store_rows(const DeftRows<D>& st, int m_g, int rows, int group, int hk,
+                                                int slot_base, int num_heads, float* __restrict__ mid_o,
+                                                float* __restrict__ mid_lse, int lane) {
+  const int c4 = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float total = st.l_acc[2 * r];
+    const int m = m_g + 8 * r;
+    if (m >= rows) continue;
+    const int h = hk * group + m % group;
+    const i64 state = static_cast<i64>(slot_base + m / group) * num_heads + h;
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+    float* dst = mid_o + state * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      *reinterpret_cast<float2*>(dst + 8 * i + 2 * c4) = make_float2(st.o_acc[i][2 * r] * inv, st.o_acc[i][2 * r + 1] * inv);
+    }
+    if (c4 == 0) mid_lse[state] = lse_from_base2(st.row_max[r], total);
+  }
 }
 
 template <typename T, int D, bool WG>
@@ -296,14 +364,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   const int warp_row0 = wm * 16;
   const bool warp_active = warp_row0 < rows_here;
   DeftRows<D> st;
-  float (&o_acc)[D / 8][4] = st.o_acc;
-  float (&row_max)[2] = st.row_max;
-  float (&l_acc)[4] = st.l_acc;
-#pragma unroll
-  for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
-#pragma unroll
-  for (int e = 0; e < 4; ++e) l_acc[e] = 0.f;
-  row_max[0] = row_max[1] = neg_inf();
+  st.clear();
 
   // Prologue: Q and the records of tiles 0 and 1, then (after the barrier that publishes them and
   // ANDs the votes of tile 0) the K/V of tile 0.
@@ -364,57 +425,330 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   // Step 5: warps that split the keys of the same rows merge their states (K/V smem is free now).
   if (warps_n > 1) {
     __syncthreads();  // every warp has left the last tile (no copy is in flight after it)
-    float* red = reinterpret_cast<float*>(smem_kv) + warp * Cfg::kRedFloats;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) red[(4 * i + e) * 32 + lane] = o_acc[i][e];
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      red[(D / 2 + r) * 32 + lane] = row_max[r];
-      red[(D / 2 + 2 + r) * 32 + lane] = l_acc[2 * r];
-    }
+    float* red = reinterpret_cast<float*>(smem_kv);
+    deft_save_rows(st, red + warp * Cfg::kRedFloats, lane);
     __syncthreads();
     if (wn != 0) return;
-    for (int k = 1; k < warps_n; ++k) {
-      const float* other = reinterpret_cast<const float*>(smem_kv) + (wm + k * warps_m) * Cfg::kRedFloats;
-      float wa[2], wb[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float m_b = other[(D / 2 + r) * 32 + lane];
-        const float mx = fmaxf(row_max[r], m_b);
-        const float base = mx == neg_inf() ? 0.f : mx;
-        wa[r] = fast_exp2(row_max[r] - base);
-        wb[r] = fast_exp2(m_b - base);
-        row_max[r] = mx;
-        l_acc[2 * r] = l_acc[2 * r] * wa[r] + other[(D / 2 + 2 + r) * 32 + lane] * wb[r];
-      }
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o_acc[i][e] = o_acc[i][e] * wa[e / 2] + other[(4 * i + e) * 32 + lane] * wb[e / 2];
-      }
-    }
+    for (int k = 1; k < warps_n; ++k) deft_merge_rows(st, red + (wm + k * warps_m) * Cfg::kRedFloats, lane);
   }
 
   // Step 6: normalise and store the partial state of each owned row.
   if (!warp_active) return;
+  deft_store_rows(st, m0 + warp_row0 + g, rows, group, hk, slot_base[c], num_heads, mid_o, mid_lse, lane);
+}
+
+// Stage 1 on Hopper, warp-specialised (sm_90a): one CTA per SM of 3 warpgroups. Warpgroup 0
+// (the producer) fills a ring of kStages 128-key K/V tiles; warpgroups 1 and 2 (the consumers)
+// compute. A work item is (chunk, 128-row tile). With more than 64 rows each consumer owns 64 of
+// them and both read every K/V tile (half the tile traffic per row of the 64-row kernel); with 64
+// rows or fewer both own the same rows and take alternate tiles, then merge (split keys). The
+// producer keeps 56 registers per thread and gives the rest to the consumers (setmaxnreg).
+//   Producer, per tile: wait until the stage is empty; take the tile's 128 records (loaded a tile
+//   ahead into registers); vote whether every query of the CTA sees every key (then the tile is
+//   "full"); otherwise write the 128 visibility bits of each query of the CTA; issue the K/V
+//   copies (cp.async, the page lookups from the records by shuffles). The stage is published kLag
+//   tiles later (kLag + 1 tiles' copies in flight): wait for its copies, fence them for the async
+//   proxy (wgmma reads), arrive on its `full` mbarrier (which also publishes the bits and flag).
+//   Consumer, per tile: wait for `full`; unless the tile belongs to the other consumer (split
+//   keys), one deft_step_ws; then each warp arrives on the stage's `empty` mbarrier (both products
+//   have completed: nothing reads the stage after it).
+template <int D, int KN>
+struct DeftWsConfig {
+  static constexpr int kThreads = 384;
+  static constexpr int kBlockM = 128;  // rows per work item
+  static constexpr int kBlockN = KN;   // keys per K/V tile: 64 or 128
+  static constexpr int kStages = KN == 64 ? 5 : 2;
+  static constexpr int kLag = KN == 64 ? 2 : 1;  // the producer publishes tile it - kLag after issuing tile it (< kStages)
+  static constexpr bool kTma = false;      // K/V copies by TMA, one 128-byte row block per copy (else cp.async)
+  static constexpr bool kQInRegs = true;
+  static constexpr bool kPingPong = true;  // the consumers take turns issuing S = Q K^T (named barriers 4 and 5)   // S = Q K^T with Q from registers (RS) or shared memory (SS)
+  static constexpr bool kRealloc = false;  // move registers from the producer to the consumers
+  static constexpr int kProducerRegs = 104, kConsumerRegs = 200;  // 128 x 104 + 256 x 200 <= 64 K
+  static constexpr int kQElems = 64 * D;         // a consumer's Q tile, WgTile<D, 64>
+  static constexpr int kTileElems = kBlockN * D;  // K or V of one stage, WgTile<D, KN>
+  static constexpr int kChunks = D / 8;
+  static constexpr int kWarpRows = KN / 4;           // a producer warp copies KN / 4 rows of a tile,
+  static constexpr int kRowsPerPass = 32 / kChunks;  // kChunks lanes per row
+  static constexpr int kVisWords = KN / 32;          // visibility bits per query and tile
+  // Shared memory: Q [2][64][D], kStages x (K [KN][D], V [KN][D]), then per stage the visibility
+  // bits [128 queries][KN / 32] u32, the 2 x kStages mbarriers and a full flag per stage (the host: same sum).
+  static constexpr int kTileBytes = (2 * kQElems + 2 * kStages * kTileElems) * 2;
+  static constexpr int kVisBytes = kStages * kBlockM * kVisWords * 4;
+  static constexpr int kBytes = kTileBytes + kVisBytes + 2 * kStages * 8 + kStages * 4;
+  static_assert(kTileBytes % 1024 == 0 && kVisBytes % 8 == 0, "tiles 1024-byte aligned, barriers 8");
+};
+
+// One KN-key step of a consumer warpgroup's 64 rows: S (64 x KN) = Q K^T with Q and K from
+// shared memory, the softmax on each warp's 16 rows, O (64 x D) += P V with P from registers.
+// q, k, v: shared-memory byte addresses (WgTile<D, 64> for Q, WgTile<D, KN> for K and V);
+// tile_vis(vis) fills vis[half][r], the bits of keys 64 half .. 64 half + 63 for the lane's row
+// g + 8 r (called only if !full). Both products complete before it returns.
+template <typename T, int D, int KN, bool QREGS, typename VisFn, typename TurnFn>
+__device__ __forceinline__ void deft_step_ws(DeftRows<D>& st, const u32 (&qf)[QREGS ? D / 16 : 1][4], u32 q, u32 k,
+                                             u32 v, bool full, VisFn tile_vis, TurnFn pass_turn, float scale_log2,
+                                             int lane) {
+  using QTile = WgTile<D, 64>;
+  using KVTile = WgTile<D, KN>;
+  float s[KN / 8][4];
+  wgmma_fence();
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float total = l_acc[2 * r];
-    const int m = m0 + warp_row0 + g + 8 * r;
-    if (m >= rows) continue;
-    const int h = hk * group + m % group;
-    const i64 state = static_cast<i64>(slot_base[c] + m / group) * num_heads + h;
-    const float inv = total > 0.f ? 1.f / total : 0.f;
-    float* dst = mid_o + state * D;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      *reinterpret_cast<float2*>(dst + 8 * i + 2 * c4) = make_float2(o_acc[i][2 * r] * inv, o_acc[i][2 * r + 1] * inv);
-    }
-    if (c4 == 0) mid_lse[state] = lse_from_base2(row_max[r], total);
+  for (int kk = 0; kk < D / 16; ++kk) {
+    if constexpr (QREGS) wgmma_rs<T, KN>(s, qf[kk], KVTile::kmajor_desc(k, kk), kk);
+    else wgmma_ss<T, KN>(s, QTile::kmajor_desc(q, kk), KVTile::kmajor_desc(k, kk), kk);
   }
+  wgmma_commit();
+  pass_turn();
+  wgmma_wait<0>();
+
+  if (!full) {
+    unsigned long long vis[KN / 64][2];
+    tile_vis(vis);
+#pragma unroll
+    for (int half = 0; half < KN / 64; ++half)
+      mask_invisible<64>(*reinterpret_cast<float(*)[8][4]>(&s[8 * half][0]), vis[half], 0, lane);
+  }
+  online_softmax_step(s, scale_log2, st.row_max, st.l_acc, st.o_acc);
+
+  u32 p[KN / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < KN / 16; ++kk) {
+    acc_to_a<T>(p[kk], s, kk);
+    mma_row_sum<T>(st.l_acc, p[kk]);
+  }
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < KN / 16; ++kk) wgmma_rs_mn<T, D>(st.o_acc, p[kk], KVTile::mnmajor_desc(v, kk));
+  wgmma_commit();
+  wgmma_wait<0>();
+}
+
+template <typename T, int D, int KN>
+__global__ void __launch_bounds__(384, 1)
+deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_constant__ TmaDesc tma_v,
+                       const __grid_constant__ TmaDesc tma_k8, const __grid_constant__ TmaDesc tma_v8,
+                       const T* __restrict__ q, i64 q_sq, i64 q_sh,
+                       const T* __restrict__ k_pool, i64 k_sp, int k_sh, int k_sr,
+                       const T* __restrict__ v_pool, i64 v_sp, int v_sh, int v_sr, int log2_page,
+                       const DeftToken* __restrict__ tokens, const DeftChunk* __restrict__ chunks,
+                       const int* __restrict__ work, const int* __restrict__ slot_base,
+                       const int* __restrict__ qmask_off, const int* __restrict__ mask,
+                       float* __restrict__ mid_o, float* __restrict__ mid_lse,
+                       int num_heads, int group, float scale_log2) {
+  using Cfg = DeftWsConfig<D, KN>;
+  using KVTile = WgTile<D, KN>;
+  static_assert(kHaveWgmma, "the warp-specialised kernel needs the sm_90a target");
+  constexpr int S = Cfg::kStages, W = Cfg::kVisWords;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem_base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the host adds 1 KB
+  T* smem_q = reinterpret_cast<T*>(smem_base);                 // [2][64][D]
+  T* smem_kv = smem_q + 2 * Cfg::kQElems;                      // stage s: K at 2 s, V at 2 s + 1
+  u32* smem_vis = reinterpret_cast<u32*>(smem_base + Cfg::kTileBytes);  // [S][128][W]
+  u64* bar_full = reinterpret_cast<u64*>(smem_vis + S * Cfg::kBlockM * W);  // [S]
+  u64* bar_empty = bar_full + S;                               // [S]
+  int* smem_full = reinterpret_cast<int*>(bar_empty + S);      // [S]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
+  const int num_kv_heads = num_heads / group;
+  const int hk = blockIdx.x % num_kv_heads, item = blockIdx.x / num_kv_heads;
+  const int c = work[2 * item];
+  const DeftChunk ch = chunks[c];
+  const int rows = (ch.q1 - ch.q0) * group;
+  const int m0 = work[2 * item + 1] * Cfg::kBlockM;
+  const int rows_here = min(Cfg::kBlockM, rows - m0);
+  const bool split = rows_here <= 64;
+  const int q_first = ch.q0 + m0 / group;                           // this CTA's queries: q_first + ql
+  const int nq_here = (m0 + rows_here - 1) / group - m0 / group + 1;  // <= 128
+  const int num_tiles = (ch.tok_end - ch.tok_begin + KN - 1) / KN;
+
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(bar_full + s, 128);  // the producer's threads
+      mbar_init(bar_empty + s, 8);   // the consumers' warps
+    }
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    if constexpr (Cfg::kRealloc) setmaxnreg_dec<Cfg::kProducerRegs>();
+    // Producer. Warp pw copies rows R pw .. R pw + R - 1 of each tile (R = kWarpRows): lane l the
+    // 16-byte column l % kChunks of rows R pw + l / kChunks + kRowsPerPass j. Their slots come by
+    // shuffle from the records: key r's record is held by lane r % 32 in rec[r / 32].
+    const int pw = warp, col = (lane % Cfg::kChunks) * 8;
+    if constexpr (Cfg::kTma) {
+      if (pw == 0 && lane == 0) {
+        tma_prefetch_desc(&tma_k);
+        tma_prefetch_desc(&tma_v);
+        tma_prefetch_desc(&tma_k8);
+        tma_prefetch_desc(&tma_v8);
+      }
+    }
+    auto load_records = [&](int tile, DeftToken (&rec)[W]) {  // nobody sees a padding key
+#pragma unroll
+      for (int h = 0; h < W; ++h) {
+        const int key = ch.tok_begin + tile * KN + 32 * h + lane;
+        rec[h] = key < ch.tok_end ? tokens[key] : DeftToken{0, 0, 0, 0};
+      }
+    };
+    DeftToken rec_next[W];
+    load_records(0, rec_next);
+    for (int it = 0; it < num_tiles; ++it) {
+      const int stage = it % S;
+      const int tile_start = ch.tok_begin + it * KN;
+      DeftToken rec[W];
+#pragma unroll
+      for (int h = 0; h < W; ++h) rec[h] = rec_next[h];
+      if (it + 1 < num_tiles) load_records(it + 1, rec_next);  // a tile ahead: off the issue path
+      if (it >= S) mbar_wait(bar_empty + stage, (it / S - 1) & 1);
+      bool sees_all = true;
+#pragma unroll
+      for (int h = 0; h < W; ++h)
+        sees_all = sees_all && rec[h].q_lo <= q_first && q_first + nq_here <= rec[h].q_hi && rec[h].mask_col < 0;
+      const bool full = __all_sync(0xffffffffu, sees_all);
+      if (pw == 0 && lane == 0) smem_full[stage] = full;
+      if (!full) {
+        for (int ql = pw; ql < nq_here; ql += 4) {
+          const int qq = q_first + ql, qm = qmask_off[qq];
+#pragma unroll
+          for (int h = 0; h < W; ++h) {
+            bool ok = rec[h].q_lo <= qq && qq < rec[h].q_hi;
+            if (ok && rec[h].mask_col >= 0) ok = mask[qm + rec[h].mask_col] != 0;
+            const u32 bits = __ballot_sync(0xffffffffu, ok);
+            if (lane == 0) smem_vis[(stage * Cfg::kBlockM + ql) * W + h] = bits;
+          }
+        }
+      }
+      constexpr int R = Cfg::kWarpRows;  // rows R pw .. R pw + R - 1 lie in rec[R pw / 32]
+      int my_slot = rec[0].slot;
+#pragma unroll
+      for (int h = 1; h < W; ++h)
+        if (R * pw / 32 == h) my_slot = rec[h].slot;
+      T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
+      T* sv = sk + Cfg::kTileElems;
+      if constexpr (Cfg::kTma) {
+        // The warp's R rows in groups of G = min(8, P) rows: a group whose keys are G consecutive
+        // rows of one page (all of the shared prefix, say) is one [G][64] box per column block (the
+        // *8 maps); any other group is G [1][64] boxes. Lane l serves group l / (2 G), its lane u =
+        // l % (2 G) copying column block u (a box group) or row u / (D / 64), block u % (D / 64).
+        // A key's copy goes to its unswizzled row start (the TMA unit swizzles by address, as
+        // wgmma reads it); a padding key's copy reads past the last page: zeros.
+        static_assert(R == 16, "the TMA copy assignment: 16 rows per producer warp");
+        constexpr int kBlocks = D / 64;
+        const int page_rows = 1 << log2_page, G = min(8, page_rows);
+        u32 good[W];  // bit k of good[h]: key 32 h + k is valid and continues its group's run in one page
+#pragma unroll
+        for (int h = 0; h < W; ++h) {
+          const int key = 32 * h + lane, slot = rec[h].slot;
+          const int prev = __shfl_up_sync(0xffffffffu, slot, 1);
+          const bool first = key % G == 0;
+          const bool ok = tile_start + key < ch.tok_end &&
+                          (first ? (slot & (page_rows - 1)) + G <= page_rows : slot == prev + 1);
+          good[h] = __ballot_sync(0xffffffffu, ok);
+        }
+        const int u = lane % (2 * G), r0 = R * pw + lane / (2 * G) * G;
+        const u32 run = (good[r0 / 32 % W] >> (r0 % 32)) & ((1u << G) - 1);
+        const bool boxed = run == (1u << G) - 1;
+        const int r = boxed ? r0 : r0 + min(u / kBlocks, G - 1), blk = u % kBlocks;
+        const int slot = __shfl_sync(0xffffffffu, my_slot, r % 32);
+        if (u < (boxed ? kBlocks : G * kBlocks)) {
+          const int page = tile_start + r < ch.tok_end ? slot >> log2_page : 0x3fffffff;
+          const int prow = slot & (page_rows - 1);
+          const u32 off = (blk * KN + r) * 128;
+          tma_load_4d(smem_addr(sk) + off, boxed ? &tma_k8 : &tma_k, 64 * blk, prow, hk, page, bar_full + stage);
+          tma_load_4d(smem_addr(sv) + off, boxed ? &tma_v8 : &tma_v, 64 * blk, prow, hk, page, bar_full + stage);
+        }
+        if (tid == 0) mbar_arrive_expect_tx(bar_full + stage, 2 * KN * D * sizeof(T));
+        else mbar_arrive(bar_full + stage);
+        continue;
+      }
+#pragma unroll
+      for (int j = 0; j < R / Cfg::kRowsPerPass; ++j) {
+        const int r = R * pw + lane / Cfg::kChunks + Cfg::kRowsPerPass * j, r32 = r % 32;
+        const int slot = __shfl_sync(0xffffffffu, my_slot, r32);
+        const bool ok = tile_start + r < ch.tok_end;
+        const i64 page = slot >> log2_page;
+        const int prow = slot & ((1 << log2_page) - 1);
+        const int cc = lane % Cfg::kChunks;
+        cp_async_16(smem_addr(sk + KVTile::offset(r, cc)), k_pool + (page * k_sp + (hk * k_sh + prow * k_sr + col)), ok ? 16 : 0);
+        cp_async_16(smem_addr(sv + KVTile::offset(r, cc)), v_pool + (page * v_sp + (hk * v_sh + prow * v_sr + col)), ok ? 16 : 0);
+      }
+      cp_async_commit();
+      if (it >= Cfg::kLag) {  // publish tile it - kLag: its copies have landed
+        cp_async_wait<Cfg::kLag>();
+        fence_proxy_async();
+        mbar_arrive(bar_full + (it - Cfg::kLag) % S);
+      }
+    }
+    if constexpr (!Cfg::kTma) {
+      cp_async_wait<0>();
+      fence_proxy_async();
+      for (int t = max(0, num_tiles - Cfg::kLag); t < num_tiles; ++t) mbar_arrive(bar_full + t % S);
+    }
+    return;
+  }
+
+  // Consumers: warpgroup cw owns rows m0 + mw .. m0 + mw + 63 (mw = 0 when splitting keys).
+  if constexpr (Cfg::kRealloc) setmaxnreg_inc<Cfg::kConsumerRegs>();
+  const int cw = wg - 1, w4 = warp % 4;
+  const int mw = split ? 0 : 64 * cw;
+  const int g = lane / 4;
+  T* my_q = smem_q + cw * Cfg::kQElems;
+  for (int i = tid % 128; i < 64 * Cfg::kChunks; i += 128) {
+    const int r = i / Cfg::kChunks, cc = i % Cfg::kChunks;
+    const int m = m0 + mw + r;
+    const bool ok = m < rows;
+    const int mm = ok ? m : m0;
+    const T* src = q + (ch.q0 + mm / group) * q_sq + (hk * group + mm % group) * q_sh + cc * 8;
+    cp_async_16(smem_addr(my_q + WgTile<D, 64>::offset(r, cc)), src, ok ? 16 : 0);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();  // Q is read by wgmma (the async proxy)
+  named_barrier_sync(1 + cw, 128);
+  u32 qf[Cfg::kQInRegs ? D / 16 : 1][4];
+  if constexpr (Cfg::kQInRegs) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, WgTile<D, 64>>(qf[kk], my_q, 16 * w4, kk, lane);
+  }
+
+  DeftRows<D> st;
+  st.clear();
+  // Ping-pong: consumer cw issues its S product after the other one's (barrier 4 + cw), so one
+  // warpgroup's softmax runs under the other's products; consumer 1 lets consumer 0 go first.
+  if (Cfg::kPingPong && cw == 1) named_barrier_arrive(4, 256);
+  auto pass_turn = [&]() {
+    if constexpr (Cfg::kPingPong) named_barrier_arrive(4 + (1 - cw), 256);
+  };
+  for (int it = 0; it < num_tiles; ++it) {
+    const int stage = it % S;
+    mbar_wait(bar_full + stage, (it / S) & 1);
+    if (!split || (it & 1) == cw) {
+      if constexpr (Cfg::kPingPong) named_barrier_sync(4 + cw, 256);
+      const T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
+      auto tile_vis = [&](unsigned long long (&vis)[KN / 64][2]) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int ql = min(m0 + mw + 16 * w4 + g + 8 * r, rows - 1) / group - m0 / group;  // rows past the chunk clamp
+          const unsigned long long* bits = reinterpret_cast<const unsigned long long*>(smem_vis + (stage * Cfg::kBlockM + ql) * W);
+#pragma unroll
+          for (int half = 0; half < KN / 64; ++half) vis[half][r] = bits[half];
+        }
+      };
+      deft_step_ws<T, D, KN, Cfg::kQInRegs>(st, qf, smem_addr(my_q), smem_addr(sk), smem_addr(sk + Cfg::kTileElems), smem_full[stage] != 0,
+                         tile_vis, pass_turn, scale_log2, lane);
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar_empty + stage);
+  }
+
+  if (split) {  // the two consumers ran the same rows over alternate tiles: merge
+    float* red = reinterpret_cast<float*>(smem_kv);
+    named_barrier_sync(3, 256);  // both have left the ring (every copy has landed: all tiles were waited for)
+    if (cw == 1) deft_save_rows(st, red + w4 * DeftConfig<D>::kRedFloats, lane);
+    named_barrier_sync(3, 256);
+    if (cw == 1) return;
+    deft_merge_rows(st, red + w4 * DeftConfig<D>::kRedFloats, lane);
+  }
+  deft_store_rows(st, m0 + mw + 16 * w4 + g, rows, group, hk, slot_base[c], num_heads, mid_o, mid_lse, lane);
 }
 
 template <typename T, int D>
