@@ -7,8 +7,11 @@
   python benchmarks/diag.py overhead                        eager vs CUDA-graph time: the host's share
   python benchmarks/diag.py deft_host                       deft_attention eager vs graph, host profile
   python benchmarks/diag.py deft_kernels                    deft_attention GPU time per kernel (profiler)
-  python benchmarks/diag.py deft_row I                      deft_attention on shared-prefix row I (for ncu)
-  python benchmarks/diag.py deft_chunks I                   deft_attention on row I for each chunk length
+  python benchmarks/diag.py deft_row I [L M]                deft_attention on shared-prefix row I (for ncu), chunk
+                                                            length L and rows per item M (0: the plan's); with
+                                                            DIAG_TIME=1 also its graph-replay time
+  python benchmarks/diag.py deft_chunks I                   deft_attention on row I for each chunk length and M
+  python benchmarks/diag.py deft_blockm                     every shared-prefix row with M = 64 and M = 128
   python benchmarks/diag.py hostprofile                     cProfile of the host path of tiny calls
 """
 import os
@@ -233,7 +236,7 @@ def deft_chunks(i):
     auto = auto_plan.chunk_len
     q = torch.randn(auto_plan.num_queries, sp.H, sp.D, device="cuda", dtype=torch.bfloat16)
     for block_m in sorted({deft.BLOCK_M, auto_plan.block_m}):  # the 64-row kernels and the plan's
-        for length in (512, 768, 1024, 1280, 1536, 2048):
+        for length in sorted({256, 384, 512, 640, 768, 1024, 1280, 1536, auto}):
             plan = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks, chunk_len=length,
                                   block_m=block_m)
             fn = lambda: deft.deft_attention(q, cache.k_pools[0], cache.v_pools[0], plan)  # noqa: E731
@@ -241,6 +244,22 @@ def deft_chunks(i):
             mark = " (plan)" if (length, block_m) == (auto, auto_plan.block_m) else ""
             print(f"{sp._label(params)} block_m {block_m:3d} chunk_len {length:5d}{mark:7s} "
                   f"{plan.num_work:4d} items {plan.num_slots:5d} partial rows  graph {t:7.1f} us", flush=True)
+
+
+def deft_blockm():
+    """Each shared-prefix suite row with the plan's chunk length, 64-row and (on Hopper) 128-row work items."""
+    from flashtree import deft
+    from flashtree.bench.suites import shared_prefix as sp
+    from flashtree.bench.timing import bench
+    for params in sp.WORKLOADS:
+        cache, n, masks = sp.build_cache(params, torch.device("cuda"))
+        line = f"{sp._label(params):32s}"
+        for block_m in (deft.BLOCK_M, deft.WS_BLOCK_M):
+            plan = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks, block_m=block_m)
+            q = torch.randn(plan.num_queries, sp.H, sp.D, device="cuda", dtype=torch.bfloat16)
+            fn = lambda: deft.deft_attention(q, cache.k_pools[0], cache.v_pools[0], plan)  # noqa: E731
+            line += f"  block_m {block_m:3d} chunk {plan.chunk_len:5d}: {bench(fn, warmup=5, iters=50, graph=True).median_us:6.1f} us"
+        print(line, flush=True)
 
 
 def merge(n, s):
@@ -254,4 +273,4 @@ def merge(n, s):
 if __name__ == "__main__":
     {"decode": decode, "merge": merge, "variants": variants, "mergevariants": mergevariants, "overhead": overhead,
      "hostprofile": hostprofile, "deft_host": deft_host, "deft_kernels": deft_kernels,
-     "deft_row": deft_row, "deft_chunks": deft_chunks}[sys.argv[1]](*map(int, sys.argv[2:]))
+     "deft_row": deft_row, "deft_chunks": deft_chunks, "deft_blockm": deft_blockm}[sys.argv[1]](*map(int, sys.argv[2:]))

@@ -20,8 +20,12 @@ for dtype, d, hkv, h, page, lens in [(torch.bfloat16, 128, 2, 8, 16, (1, 40, 9))
         n = lens[i]
         c.append(kid, None, torch.randn(1, n, hkv, d, device=dev, dtype=dtype), torch.randn(1, n, hkv, d, device=dev, dtype=dtype))
     mask = tree.ancestor_mask([-1, 0, 0, 1, 1])
-    for chunk_len in (64, None):  # many small chunks spanning nodes, then the automatic length
-        plan = flashtree.deft_plan(c, h, queries_per_leaf={kids[2]: 5}, tail_masks={kids[2]: mask}, chunk_len=chunk_len)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    for chunk_len, block_m in ((64, None), (None, None)) + (((64, 128), (None, 128)) if hopper else ()):
+        # many small chunks spanning nodes, then the automatic length; on Hopper also the
+        # warp-specialised kernel (128-row work items), which the plan picks for wide trees only
+        plan = flashtree.deft_plan(c, h, queries_per_leaf={kids[2]: 5}, tail_masks={kids[2]: mask}, chunk_len=chunk_len,
+                                   block_m=block_m)
         q = torch.randn(plan.num_queries, h, d, device=dev, dtype=dtype)
         flashtree.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)
 torch.cuda.synchronize()

@@ -29,10 +29,15 @@ touch the prefix (64 queries, 256 rows, 4 row tiles each) and 10 branch-only chu
 24 rows, 1 tile each), W = 98 items, 784 CTAs = 3 waves: 3 x 896 + 2 x 8 x 5872 / 264 = 3044;
 L = 512 needs 5 waves (3200 + 512), L = 3072 one wave of long CTAs (3200 + 105).
 
-Kernels: on compute capability 9.0 stage 1 is an sm_90a kernel on the warpgroup tensor cores (wgmma,
-3 CTAs per SM; ``use_wgmma``, off with FLASHTREE_WGMMA=0), elsewhere the portable mma.sync kernel
-(2 CTAs per SM). The chunk-length model keeps 2 CTAs per SM for both: on the H200 the wgmma kernel
-measured best at the same chunk lengths (benchmarks/NOTES.md, session 5).
+Kernels (the plan's ``block_m`` fixes which): on compute capability 9.0 (``use_wgmma``, off with
+FLASHTREE_WGMMA=0) stage 1 runs sm_90a kernels on the warpgroup tensor cores:
+  - block_m = 64: one warpgroup per CTA, 3 CTAs per SM (the chunk model above keeps 2 CTAs per SM:
+    on the H200 this kernel measured best at the same chunk lengths, NOTES.md session 5);
+  - block_m = 128, chosen by ``_choose_block_m`` when wide, fully shared chunks (>= 256 rows: a long
+    prefix under many branches) carry most of the work and fill every SM twice: a warp-specialised
+    kernel, one CTA per SM, whose two consumer warpgroups share each K/V tile that a producer
+    warpgroup streams in; its chunk length comes from ``ws_chunk_len`` (a makespan model).
+Elsewhere the portable mma.sync kernel (block_m = 64, 2 CTAs per SM).
 
 Stale plans: a plan records the cache's ``version``; ``deft_attention`` raises if the cache has
 changed (a fork, append or prune) since planning. Writing new K/V values into planned slots does
@@ -47,22 +52,19 @@ from __future__ import annotations
 import functools
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import _checks, _interop, _jit, reference
-from ._jit import tma
 from .kvcache.tree_cache import TreeKVCache
 
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_M = 64   # query rows per work item (kernels_cu/deft.cu: DeftConfig::kBlockM)
 WS_BLOCK_M = 128  # the Hopper warp-specialised kernel's (DeftWsConfig::kBlockM)
-WS_BLOCK_N = int(os.environ.get("FLASHTREE_DEFT_WS_KN", "64"))  # keys per K/V tile (DeftWsConfig::kBlockN)
-WS_STAGES = {64: 5, 128: 2}  # its K/V ring (DeftWsConfig::kStages)
+WS_STAGES = 6     # its ring of 64-key K/V tiles (DeftWsConfig::kStages)
 BLOCK_N = 64   # keys per KV tile
 CTA_OVERHEAD_KEYS = 128  # L0 of the chunk-length model (module docstring)
 PARTIAL_ROW_KEYS = 2     # one fp32 partial row written and read back ~ 2 keys' K + V (bf16)
@@ -79,11 +81,11 @@ def _smem_bytes(head_dim: int, wgmma: bool) -> int:
 
 
 def _ws_smem_bytes(head_dim: int) -> int:
-    # DeftWsConfig::kBytes: Q [2][64][D] and the ring of [128][D] K/V tiles, per stage 128 queries'
-    # 128 visibility bits, 2 mbarriers and a flag; 1 KB more to start the tiles on a 1024-byte boundary.
-    stages = WS_STAGES[WS_BLOCK_N]
-    tiles = (2 * 64 + 2 * stages * WS_BLOCK_N) * head_dim * 2
-    return tiles + stages * (WS_BLOCK_M * WS_BLOCK_N // 8 + 16 + 4) + 1024
+    # DeftWsConfig::kBytes: the ring of [64][D] K/V tiles (Q passes through its last stage), per
+    # stage 128 queries' 64 visibility bits, 2 mbarriers and a flag; 1 KB more to start the tiles on
+    # a 1024-byte boundary.
+    tiles = 2 * WS_STAGES * BLOCK_N * head_dim * 2
+    return tiles + WS_STAGES * (WS_BLOCK_M * 8 + 16 + 4) + 1024
 
 
 # Stage 1 on Hopper (compute capability 9.0): the 64-row tiles run on wgmma (an sm_90a kernel).
@@ -109,8 +111,8 @@ def spec(dtype: torch.dtype, head_dim: int, wgmma: bool = False) -> _jit.KernelS
 def ws_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
     """Stage 1, the warp-specialised sm_90a kernel (128-row work items)."""
     return _jit.KernelSpec(family="deft", kernel="ft::deft_partial_ws_kernel",
-                           template_args=(_jit.ctype(dtype), head_dim, WS_BLOCK_N),
-                           name=f"deft_partial_ws{WS_BLOCK_N}_{_jit.short(dtype)}_d{head_dim}",
+                           template_args=(_jit.ctype(dtype), head_dim),
+                           name=f"deft_partial_ws_{_jit.short(dtype)}_d{head_dim}",
                            arch_suffix="a", archs=("sm_90",))
 
 
@@ -221,7 +223,7 @@ class DeftPlan:
 
 
 def choose_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: int,
-                     num_sms: int, ctas_per_sm: int = 2, block_m: int = BLOCK_M) -> int:
+                     num_sms: int, ctas_per_sm: int = 2) -> int:
     """The chunk length (tokens, a multiple of 64) minimising the wave model of the module docstring."""
     n = len(q_lo)
     if n == 0:
@@ -232,7 +234,7 @@ def choose_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_head
         length = mult * BLOCK_N
         starts = np.arange(0, n, length)
         rows = (np.maximum.reduceat(q_hi, starts) - np.minimum.reduceat(q_lo, starts)) * group
-        work = int(np.sum(-(-rows // block_m)))
+        work = int(np.sum(-(-rows // BLOCK_M)))
         partials = PARTIAL_ROW_KEYS * num_kv_heads * int(rows.sum()) / slots  # spread over the machine
         cost = math.ceil(work * num_kv_heads / slots) * (length + CTA_OVERHEAD_KEYS) + partials
         if best is None or cost <= best[0]:
@@ -240,6 +242,72 @@ def choose_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_head
         if length >= n:
             break
     return best[1]
+
+
+WS_CHUNK_MULTIPLES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+WS_SPLIT_COST = 0.6      # a split item (<= 64 rows: the consumers take alternate tiles), per tile
+WS_ITEM_OVERHEAD = 2.0   # tiles' worth per item: Q in, the split merge, the partial states out
+
+
+def ws_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: int, num_sms: int) -> int:
+    """The chunk length for the persistent Hopper kernel: the makespan of its work items (in KV
+    tiles, longest first onto the least-loaded SM) plus the partial states' traffic, minimised."""
+    n = len(q_lo)
+    if n == 0:
+        return BLOCK_N
+    best = None
+    for mult in WS_CHUNK_MULTIPLES:
+        length = mult * BLOCK_N
+        starts = np.arange(0, n, length)
+        tiles = -(-np.diff(np.append(starts, n)) // BLOCK_N)
+        rows = (np.maximum.reduceat(q_hi, starts) - np.minimum.reduceat(q_lo, starts)) * group
+        per_chunk = -(-rows // WS_BLOCK_M)
+        item_rows = np.minimum(WS_BLOCK_M, rows.repeat(per_chunk) - WS_BLOCK_M * _ranks(per_chunk))
+        cost = tiles.repeat(per_chunk) * np.where(item_rows <= 64, WS_SPLIT_COST, 1.0) + WS_ITEM_OVERHEAD
+        loads = np.zeros(num_sms)
+        items = np.sort(np.repeat(cost, num_kv_heads))[::-1]
+        for r in range(0, len(items), num_sms):  # longest first onto the least-loaded SMs, a round at a time
+            part = items[r: r + num_sms]
+            order = np.argsort(loads, kind="stable")[: len(part)]
+            loads[order] += part
+        partials = PARTIAL_ROW_KEYS / BLOCK_N * num_kv_heads * int(rows.sum()) / num_sms
+        total = loads.max() + partials
+        if best is None or total <= best[0]:
+            best = (total, length)
+        if length >= n:
+            break
+    return best[1]
+
+
+WS_MIN_ROWS = 256   # a chunk is wide when it shares its keys with 2 or more 128-row tiles
+WS_MIN_SHARE = 0.8  # the warp-specialised kernel: most of the work (tiles x rows) in wide, fully shared chunks
+WS_MIN_WAVES = 2    # and enough 128-row items to fill every SM twice (it runs one CTA per SM)
+
+
+def _choose_block_m(tokens: np.ndarray, group: int, num_kv_heads: int, num_sms: int) -> int:
+    """Rows per work item on Hopper: 128 (the warp-specialised kernel: two warpgroups share each
+    K/V tile) when the tree is dominated by wide, fully shared chunks (a long prefix under many
+    branches), else 64 (three 64-row CTAs per SM, which serve narrow and masked chunks better).
+    Measured on the H200 suite rows (benchmarks/NOTES.md, session 6)."""
+    n = len(tokens)
+    if n == 0:
+        return BLOCK_M
+    length = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)
+    starts = np.arange(0, n, length)
+    lo_min, lo_max = np.minimum.reduceat(tokens[:, 1], starts), np.maximum.reduceat(tokens[:, 1], starts)
+    hi_min, hi_max = np.minimum.reduceat(tokens[:, 2], starts), np.maximum.reduceat(tokens[:, 2], starts)
+    shared = (lo_min == lo_max) & (hi_min == hi_max) & (np.maximum.reduceat(tokens[:, 3], starts) < 0)
+    rows = (hi_max - lo_min) * group
+    work = -(-np.diff(np.append(starts, n)) // BLOCK_N) * rows
+    wide = shared & (rows >= WS_MIN_ROWS)
+    items = int(np.sum(-(-rows // WS_BLOCK_M))) * num_kv_heads
+    share = work[wide].sum() / max(1, work.sum())
+    return WS_BLOCK_M if share >= WS_MIN_SHARE and items >= WS_MIN_WAVES * num_sms else BLOCK_M
+
+
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """0, 1, .., c - 1 for each count c, concatenated."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def _work_cost(chunks: np.ndarray, work: np.ndarray, group: int, block_m: int = BLOCK_M) -> np.ndarray:
@@ -312,9 +380,7 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
         raise ValueError(f"num_qo_heads: expected a positive multiple of Hkv = {hkv}, got {num_qo_heads!r}")
     group = num_qo_heads // hkv
     device = torch.device(device) if device is not None else cache.k_pools[0].device
-    if block_m is None:
-        block_m = WS_BLOCK_M if use_wgmma(device) else BLOCK_M
-    elif block_m not in (BLOCK_M, WS_BLOCK_M):
+    if block_m is not None and block_m not in (BLOCK_M, WS_BLOCK_M):
         raise ValueError(f"block_m: expected {BLOCK_M} or {WS_BLOCK_M}, got {block_m!r}")
     leaves = cache.leaves()
     if not leaves:
@@ -366,9 +432,11 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
     # Step 3: chunks and work items.
     if num_sms is None:
         num_sms = _num_sms(device)
+    if block_m is None:
+        block_m = _choose_block_m(tokens, group, hkv, num_sms) if use_wgmma(device) else BLOCK_M
     if chunk_len is None:
-        chunk_len = choose_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms,
-                                     *((1, WS_BLOCK_M) if block_m == WS_BLOCK_M else (2, BLOCK_M)))
+        chunk_len = (ws_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms) if block_m == WS_BLOCK_M
+                     else choose_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms))
     elif not isinstance(chunk_len, int) or chunk_len < BLOCK_N or chunk_len % BLOCK_N:
         raise ValueError(f"chunk_len: expected a positive multiple of {BLOCK_N}, got {chunk_len!r}")
     total = len(tokens)
@@ -454,17 +522,6 @@ _PARTIAL_PARAMS = _jit.param_layout("Qqq Qqii Qqii i QQQQQQ QQ ii f")
 # deft_merge_kernel: mid_o, mid_lse, q_indptr, slot_idx, out (pointer, 2 strides), lse, Q, H.
 _MERGE_PARAMS = _jit.param_layout("QQQQ Qqq Q ii")
 
-
-def _ws_params(kernel: _jit.runtime.LoadedKernel) -> struct.Struct:
-    """deft_partial_ws_kernel's parameters: 4 tensor maps (K and V, one-row and page-run boxes;
-    128 bytes each, 64-byte aligned: the compiler may start them past offset 0, so the offset is
-    read from the loaded kernel), then deft_partial_kernel's."""
-    first = kernel.param_offset(0)
-    if first % 8 or kernel.param_offset(4) != first + 512:
-        raise RuntimeError(f"deft_partial_ws_kernel: unexpected parameter offsets {first}, {kernel.param_offset(4)}")
-    return struct.Struct("<" + "x" * first + "128s" * 4 + _PARTIAL_PARAMS.format[1:])
-
-
 @dataclass(frozen=True)
 class _Validated:
     """What a validated call signature fixes: the scale, the two loaded kernels (and stage 1's
@@ -475,7 +532,6 @@ class _Validated:
     partial: _jit.runtime.LoadedKernel
     partial_smem: int
     partial_threads: int
-    partial_params: struct.Struct
     merge: _jit.runtime.LoadedKernel
     strides_aligned: bool
 
@@ -483,21 +539,13 @@ class _Validated:
 def _validated_entry(q, k_pool, v_pool, scale, block_m) -> _Validated:
     d = q.shape[2]
     if block_m == WS_BLOCK_M:
-        kernel = _jit.get_kernel(ws_spec(q.dtype, d), q.device)
-        partial = (kernel, _ws_smem_bytes(d), 384, _ws_params(kernel))
+        partial = (_jit.get_kernel(ws_spec(q.dtype, d), q.device), _ws_smem_bytes(d), 384)
     else:
         wgmma = use_wgmma(q.device)
-        partial = (_jit.get_kernel(spec(q.dtype, d, wgmma), q.device), _smem_bytes(d, wgmma), 128, _PARTIAL_PARAMS)
+        partial = (_jit.get_kernel(spec(q.dtype, d, wgmma), q.device), _smem_bytes(d, wgmma), 128)
     return _Validated(scale, *partial,
                       _jit.get_kernel(merge_spec(q.dtype, d), q.device),
                       all(_checks.strides16(x, range(x.dim() - 1)) for x in (q, k_pool, v_pool)))
-
-
-def _ws_maps(k_pool, v_pool, page_size: int) -> tuple[bytes, ...]:
-    """The warp-specialised kernel's tensor maps: K and V pools with one-row boxes, then with
-    boxes of min(8, page_size) rows (a run of keys in one page)."""
-    run = min(8, page_size)
-    return tma.row_map(k_pool), tma.row_map(v_pool), tma.row_map(k_pool, run), tma.row_map(v_pool, run)
 
 
 def _launch(q, k_pool, v_pool, plan, entry: _Validated, mid_o: int, mid_lse: int, out, lse: int):
@@ -506,11 +554,9 @@ def _launch(q, k_pool, v_pool, plan, entry: _Validated, mid_o: int, mid_lse: int
     if plan.num_work == 0 or nq == 0:
         return
     at = plan.addresses.__getitem__
-    ws = plan.block_m == WS_BLOCK_M
     entry.partial.launch(
-        (plan.num_work * plan.num_kv_heads, 1, 1), (entry.partial_threads, 1, 1), entry.partial_params,
+        (plan.num_work * plan.num_kv_heads, 1, 1), (entry.partial_threads, 1, 1), _PARTIAL_PARAMS,
         (
-            *(_ws_maps(k_pool, v_pool, plan.page_size) if ws else ()),
             q.data_ptr(), *q.stride()[:2],
             k_pool.data_ptr(), *k_pool.stride()[:3],
             v_pool.data_ptr(), *v_pool.stride()[:3],

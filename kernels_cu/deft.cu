@@ -437,96 +437,69 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   deft_store_rows(st, m0 + warp_row0 + g, rows, group, hk, slot_base[c], num_heads, mid_o, mid_lse, lane);
 }
 
-// Stage 1 on Hopper, warp-specialised (sm_90a): one CTA per SM of 3 warpgroups. Warpgroup 0
-// (the producer) fills a ring of kStages 128-key K/V tiles; warpgroups 1 and 2 (the consumers)
-// compute. A work item is (chunk, 128-row tile). With more than 64 rows each consumer owns 64 of
-// them and both read every K/V tile (half the tile traffic per row of the 64-row kernel); with 64
-// rows or fewer both own the same rows and take alternate tiles, then merge (split keys). The
-// producer keeps 56 registers per thread and gives the rest to the consumers (setmaxnreg).
-//   Producer, per tile: wait until the stage is empty; take the tile's 128 records (loaded a tile
-//   ahead into registers); vote whether every query of the CTA sees every key (then the tile is
-//   "full"); otherwise write the 128 visibility bits of each query of the CTA; issue the K/V
-//   copies (cp.async, the page lookups from the records by shuffles). The stage is published kLag
-//   tiles later (kLag + 1 tiles' copies in flight): wait for its copies, fence them for the async
-//   proxy (wgmma reads), arrive on its `full` mbarrier (which also publishes the bits and flag).
-//   Consumer, per tile: wait for `full`; unless the tile belongs to the other consumer (split
-//   keys), one deft_step_ws; then each warp arrives on the stage's `empty` mbarrier (both products
-//   have completed: nothing reads the stage after it).
-template <int D, int KN>
+// Stage 1 on Hopper for wide shared chunks, warp-specialised (sm_90a): one CTA per SM, 3
+// warpgroups, per work item (chunk, 128-row tile) x KV head. Warpgroup 0 (the producer) fills a
+// ring of kStages 64-key K/V tiles; warpgroups 1 and 2 (the consumers) compute. With more than 64
+// rows each consumer owns 64 of them and both read every K/V tile (half the tile traffic per row
+// of the 64-row kernels); with 64 rows or fewer both own the same rows and take alternate tiles,
+// then merge (split keys).
+//   Producer, per tile: wait until its stage is empty; take the tile's 64 records (loaded a tile
+//   ahead into registers); vote whether every query of the item sees every key (then the tile is
+//   "full"); otherwise write the 64 visibility bits of each query of the item; issue the K/V
+//   copies (cp.async, the page lookups from the records by shuffles). Tile it is published after
+//   tile it + kLag is issued (so kLag + 1 tiles' copies are in flight): wait for its copies, fence
+//   them for the async proxy (wgmma reads), arrive on its `full` mbarrier (which also publishes the
+//   bits and the flag).
+//   Consumer: Q rows through the ring's last stage into registers (A fragments), then an arrival on
+//   that stage's `empty` barrier (its first phase); per tile wait for `full`,
+//   one deft_step_wg unless the tile belongs to the other consumer, then each warp arrives on the
+//   stage's `empty` mbarrier (both products have completed); at the end the split merge (through
+//   the idle ring) and the store.
+// Measured and dropped (benchmarks/NOTES.md, session 6): TMA copies, 128-key tiles, Q in shared
+// memory, register reallocation between the warpgroups, ping-pong ordering of the consumers, a
+// persistent grid (its split-merge buffer cost a stage: slower).
+template <int D>
 struct DeftWsConfig {
   static constexpr int kThreads = 384;
   static constexpr int kBlockM = 128;  // rows per work item
-  static constexpr int kBlockN = KN;   // keys per K/V tile: 64 or 128
-  static constexpr int kStages = KN == 64 ? 5 : 2;
-  static constexpr int kLag = KN == 64 ? 2 : 1;  // the producer publishes tile it - kLag after issuing tile it (< kStages)
-  static constexpr bool kTma = false;      // K/V copies by TMA, one 128-byte row block per copy (else cp.async)
-  static constexpr bool kQInRegs = true;
-  static constexpr bool kPingPong = true;  // the consumers take turns issuing S = Q K^T (named barriers 4 and 5)   // S = Q K^T with Q from registers (RS) or shared memory (SS)
-  static constexpr bool kRealloc = false;  // move registers from the producer to the consumers
-  static constexpr int kProducerRegs = 104, kConsumerRegs = 200;  // 128 x 104 + 256 x 200 <= 64 K
-  static constexpr int kQElems = 64 * D;         // a consumer's Q tile, WgTile<D, 64>
-  static constexpr int kTileElems = kBlockN * D;  // K or V of one stage, WgTile<D, KN>
+  static constexpr int kBlockN = 64;   // keys per K/V tile
+  static constexpr int kStages = 6;  // measured on the long row: 3 / 4 / 5 stages 94.0 / 81.5 / 74.4 us
+  static constexpr int kLag = 2;  // tile t is published after tile t + kLag is issued (< kStages)
+  static constexpr int kTileElems = 64 * D;  // K or V of one stage, WgTile<D, 64>
   static constexpr int kChunks = D / 8;
-  static constexpr int kWarpRows = KN / 4;           // a producer warp copies KN / 4 rows of a tile,
-  static constexpr int kRowsPerPass = 32 / kChunks;  // kChunks lanes per row
-  static constexpr int kVisWords = KN / 32;          // visibility bits per query and tile
-  // Shared memory: Q [2][64][D], kStages x (K [KN][D], V [KN][D]), then per stage the visibility
-  // bits [128 queries][KN / 32] u32, the 2 x kStages mbarriers and a full flag per stage (the host: same sum).
-  static constexpr int kTileBytes = (2 * kQElems + 2 * kStages * kTileElems) * 2;
-  static constexpr int kVisBytes = kStages * kBlockM * kVisWords * 4;
+  static constexpr int kRowsPerPass = 32 / kChunks;  // a producer warp copies 16 rows, kChunks lanes per row
+  static constexpr int kRedFloats = DeftConfig<D>::kRedFloats;  // the split merge, per consumer warp
+  // Shared memory: kStages x (K [64][D], V [64][D]), per stage the visibility bits [128
+  // queries][2] u32, the 2 x kStages mbarriers and a full flag per stage (the host: same sum). The
+  // consumers' Q rows pass through the last stage before the producer first fills it.
+  static constexpr int kTileBytes = 2 * kStages * kTileElems * 2;
+  static constexpr int kVisBytes = kStages * kBlockM * 8;
   static constexpr int kBytes = kTileBytes + kVisBytes + 2 * kStages * 8 + kStages * 4;
-  static_assert(kTileBytes % 1024 == 0 && kVisBytes % 8 == 0, "tiles 1024-byte aligned, barriers 8");
+  static_assert(kTileBytes % 1024 == 0 && 4 * kRedFloats * 4 <= 2 * kStages * kTileElems * 2, "aligned tiles; the merge fits the ring");
 };
 
-// One KN-key step of a consumer warpgroup's 64 rows: S (64 x KN) = Q K^T with Q and K from
-// shared memory, the softmax on each warp's 16 rows, O (64 x D) += P V with P from registers.
-// q, k, v: shared-memory byte addresses (WgTile<D, 64> for Q, WgTile<D, KN> for K and V);
-// tile_vis(vis) fills vis[half][r], the bits of keys 64 half .. 64 half + 63 for the lane's row
-// g + 8 r (called only if !full). Both products complete before it returns.
-template <typename T, int D, int KN, bool QREGS, typename VisFn, typename TurnFn>
-__device__ __forceinline__ void deft_step_ws(DeftRows<D>& st, const u32 (&qf)[QREGS ? D / 16 : 1][4], u32 q, u32 k,
-                                             u32 v, bool full, VisFn tile_vis, TurnFn pass_turn, float scale_log2,
-                                             int lane) {
-  using QTile = WgTile<D, 64>;
-  using KVTile = WgTile<D, KN>;
-  float s[KN / 8][4];
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    if constexpr (QREGS) wgmma_rs<T, KN>(s, qf[kk], KVTile::kmajor_desc(k, kk), kk);
-    else wgmma_ss<T, KN>(s, QTile::kmajor_desc(q, kk), KVTile::kmajor_desc(k, kk), kk);
+// What one work item covers.
+struct DeftWsItem {
+  int c, hk, m0, rows, rows_here, q_first, nq_here, num_tiles;
+  DeftChunk ch;
+  __device__ __forceinline__ DeftWsItem(int index, const int* __restrict__ work,
+                                        const DeftChunk* __restrict__ chunks, int num_kv_heads, int group) {
+    const int item = index / num_kv_heads;
+    hk = index % num_kv_heads;
+    c = work[2 * item];
+    ch = chunks[c];
+    rows = (ch.q1 - ch.q0) * group;
+    m0 = work[2 * item + 1] * 128;
+    rows_here = min(128, rows - m0);
+    q_first = ch.q0 + m0 / group;                            // the item's queries: q_first + ql
+    nq_here = (m0 + rows_here - 1) / group - m0 / group + 1;  // <= 128
+    num_tiles = (ch.tok_end - ch.tok_begin + 63) / 64;
   }
-  wgmma_commit();
-  pass_turn();
-  wgmma_wait<0>();
+};
 
-  if (!full) {
-    unsigned long long vis[KN / 64][2];
-    tile_vis(vis);
-#pragma unroll
-    for (int half = 0; half < KN / 64; ++half)
-      mask_invisible<64>(*reinterpret_cast<float(*)[8][4]>(&s[8 * half][0]), vis[half], 0, lane);
-  }
-  online_softmax_step(s, scale_log2, st.row_max, st.l_acc, st.o_acc);
-
-  u32 p[KN / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < KN / 16; ++kk) {
-    acc_to_a<T>(p[kk], s, kk);
-    mma_row_sum<T>(st.l_acc, p[kk]);
-  }
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < KN / 16; ++kk) wgmma_rs_mn<T, D>(st.o_acc, p[kk], KVTile::mnmajor_desc(v, kk));
-  wgmma_commit();
-  wgmma_wait<0>();
-}
-
-template <typename T, int D, int KN>
+template <typename T, int D>
 __global__ void __launch_bounds__(384, 1)
-deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_constant__ TmaDesc tma_v,
-                       const __grid_constant__ TmaDesc tma_k8, const __grid_constant__ TmaDesc tma_v8,
-                       const T* __restrict__ q, i64 q_sq, i64 q_sh,
+deft_partial_ws_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
                        const T* __restrict__ k_pool, i64 k_sp, int k_sh, int k_sr,
                        const T* __restrict__ v_pool, i64 v_sp, int v_sh, int v_sr, int log2_page,
                        const DeftToken* __restrict__ tokens, const DeftChunk* __restrict__ chunks,
@@ -534,32 +507,20 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
                        const int* __restrict__ qmask_off, const int* __restrict__ mask,
                        float* __restrict__ mid_o, float* __restrict__ mid_lse,
                        int num_heads, int group, float scale_log2) {
-  using Cfg = DeftWsConfig<D, KN>;
-  using KVTile = WgTile<D, KN>;
+  using Cfg = DeftWsConfig<D>;
+  using Tile = WgTile<D, 64>;
   static_assert(kHaveWgmma, "the warp-specialised kernel needs the sm_90a target");
-  constexpr int S = Cfg::kStages, W = Cfg::kVisWords;
+  constexpr int S = Cfg::kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem_base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the host adds 1 KB
-  T* smem_q = reinterpret_cast<T*>(smem_base);                 // [2][64][D]
-  T* smem_kv = smem_q + 2 * Cfg::kQElems;                      // stage s: K at 2 s, V at 2 s + 1
-  u32* smem_vis = reinterpret_cast<u32*>(smem_base + Cfg::kTileBytes);  // [S][128][W]
-  u64* bar_full = reinterpret_cast<u64*>(smem_vis + S * Cfg::kBlockM * W);  // [S]
+  T* smem_kv = reinterpret_cast<T*>(smem_base);               // stage s: K at 2 s, V at 2 s + 1
+  u32* smem_vis = reinterpret_cast<u32*>(smem_base + Cfg::kTileBytes);  // [S][128][2]
+  u64* bar_full = reinterpret_cast<u64*>(smem_vis + S * Cfg::kBlockM * 2);  // [S]
   u64* bar_empty = bar_full + S;                               // [S]
   int* smem_full = reinterpret_cast<int*>(bar_empty + S);      // [S]
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
   const int num_kv_heads = num_heads / group;
-  const int hk = blockIdx.x % num_kv_heads, item = blockIdx.x / num_kv_heads;
-  const int c = work[2 * item];
-  const DeftChunk ch = chunks[c];
-  const int rows = (ch.q1 - ch.q0) * group;
-  const int m0 = work[2 * item + 1] * Cfg::kBlockM;
-  const int rows_here = min(Cfg::kBlockM, rows - m0);
-  const bool split = rows_here <= 64;
-  const int q_first = ch.q0 + m0 / group;                           // this CTA's queries: q_first + ql
-  const int nq_here = (m0 + rows_here - 1) / group - m0 / group + 1;  // <= 128
-  const int num_tiles = (ch.tok_end - ch.tok_begin + KN - 1) / KN;
-
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(bar_full + s, 128);  // the producer's threads
@@ -568,108 +529,60 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
   }
   __syncthreads();
 
+  const DeftWsItem w(blockIdx.x, work, chunks, num_kv_heads, group);
   if (wg == 0) {
-    if constexpr (Cfg::kRealloc) setmaxnreg_dec<Cfg::kProducerRegs>();
-    // Producer. Warp pw copies rows R pw .. R pw + R - 1 of each tile (R = kWarpRows): lane l the
-    // 16-byte column l % kChunks of rows R pw + l / kChunks + kRowsPerPass j. Their slots come by
-    // shuffle from the records: key r's record is held by lane r % 32 in rec[r / 32].
+    // Producer. Warp pw copies rows 16 pw .. 16 pw + 15 of each tile: lane l the 16-byte column
+    // l % kChunks of rows 16 pw + l / kChunks + kRowsPerPass j. Their slots come by shuffle from
+    // the records: key r's record is held by lane r % 32 of rec[r / 32] = rec[pw / 2].
     const int pw = warp, col = (lane % Cfg::kChunks) * 8;
-    if constexpr (Cfg::kTma) {
-      if (pw == 0 && lane == 0) {
-        tma_prefetch_desc(&tma_k);
-        tma_prefetch_desc(&tma_v);
-        tma_prefetch_desc(&tma_k8);
-        tma_prefetch_desc(&tma_v8);
-      }
-    }
-    auto load_records = [&](int tile, DeftToken (&rec)[W]) {  // nobody sees a padding key
+    auto load_records = [&](int tile, DeftToken (&rec)[2]) {  // nobody sees a padding key
 #pragma unroll
-      for (int h = 0; h < W; ++h) {
-        const int key = ch.tok_begin + tile * KN + 32 * h + lane;
-        rec[h] = key < ch.tok_end ? tokens[key] : DeftToken{0, 0, 0, 0};
+      for (int h = 0; h < 2; ++h) {
+        const int key = w.ch.tok_begin + tile * 64 + 32 * h + lane;
+        rec[h] = key < w.ch.tok_end ? tokens[key] : DeftToken{0, 0, 0, 0};
       }
     };
-    DeftToken rec_next[W];
+    DeftToken rec_next[2];
     load_records(0, rec_next);
-    for (int it = 0; it < num_tiles; ++it) {
+    for (int it = 0; it < w.num_tiles; ++it) {
       const int stage = it % S;
-      const int tile_start = ch.tok_begin + it * KN;
-      DeftToken rec[W];
-#pragma unroll
-      for (int h = 0; h < W; ++h) rec[h] = rec_next[h];
-      if (it + 1 < num_tiles) load_records(it + 1, rec_next);  // a tile ahead: off the issue path
-      if (it >= S) mbar_wait(bar_empty + stage, (it / S - 1) & 1);
+      const int tile_start = w.ch.tok_begin + it * 64;
+      const DeftToken rec[2] = {rec_next[0], rec_next[1]};
+      if (it + 1 < w.num_tiles) load_records(it + 1, rec_next);  // a tile ahead: off the issue path
+      // Stage S - 1 first holds the consumers' Q rows: its empty barrier has one phase more.
+      if (stage == S - 1) mbar_wait(bar_empty + stage, (it / S) & 1);
+      else if (it >= S) mbar_wait(bar_empty + stage, (it / S - 1) & 1);
       bool sees_all = true;
 #pragma unroll
-      for (int h = 0; h < W; ++h)
-        sees_all = sees_all && rec[h].q_lo <= q_first && q_first + nq_here <= rec[h].q_hi && rec[h].mask_col < 0;
+      for (int h = 0; h < 2; ++h)
+        sees_all = sees_all && rec[h].q_lo <= w.q_first && w.q_first + w.nq_here <= rec[h].q_hi && rec[h].mask_col < 0;
       const bool full = __all_sync(0xffffffffu, sees_all);
       if (pw == 0 && lane == 0) smem_full[stage] = full;
       if (!full) {
-        for (int ql = pw; ql < nq_here; ql += 4) {
-          const int qq = q_first + ql, qm = qmask_off[qq];
+        for (int ql = pw; ql < w.nq_here; ql += 4) {
+          const int qq = w.q_first + ql, qm = qmask_off[qq];
 #pragma unroll
-          for (int h = 0; h < W; ++h) {
+          for (int h = 0; h < 2; ++h) {
             bool ok = rec[h].q_lo <= qq && qq < rec[h].q_hi;
             if (ok && rec[h].mask_col >= 0) ok = mask[qm + rec[h].mask_col] != 0;
             const u32 bits = __ballot_sync(0xffffffffu, ok);
-            if (lane == 0) smem_vis[(stage * Cfg::kBlockM + ql) * W + h] = bits;
+            if (lane == 0) smem_vis[(stage * Cfg::kBlockM + ql) * 2 + h] = bits;
           }
         }
       }
-      constexpr int R = Cfg::kWarpRows;  // rows R pw .. R pw + R - 1 lie in rec[R pw / 32]
-      int my_slot = rec[0].slot;
-#pragma unroll
-      for (int h = 1; h < W; ++h)
-        if (R * pw / 32 == h) my_slot = rec[h].slot;
+      const int my_slot = pw < 2 ? rec[0].slot : rec[1].slot;
       T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
       T* sv = sk + Cfg::kTileElems;
-      if constexpr (Cfg::kTma) {
-        // The warp's R rows in groups of G = min(8, P) rows: a group whose keys are G consecutive
-        // rows of one page (all of the shared prefix, say) is one [G][64] box per column block (the
-        // *8 maps); any other group is G [1][64] boxes. Lane l serves group l / (2 G), its lane u =
-        // l % (2 G) copying column block u (a box group) or row u / (D / 64), block u % (D / 64).
-        // A key's copy goes to its unswizzled row start (the TMA unit swizzles by address, as
-        // wgmma reads it); a padding key's copy reads past the last page: zeros.
-        static_assert(R == 16, "the TMA copy assignment: 16 rows per producer warp");
-        constexpr int kBlocks = D / 64;
-        const int page_rows = 1 << log2_page, G = min(8, page_rows);
-        u32 good[W];  // bit k of good[h]: key 32 h + k is valid and continues its group's run in one page
 #pragma unroll
-        for (int h = 0; h < W; ++h) {
-          const int key = 32 * h + lane, slot = rec[h].slot;
-          const int prev = __shfl_up_sync(0xffffffffu, slot, 1);
-          const bool first = key % G == 0;
-          const bool ok = tile_start + key < ch.tok_end &&
-                          (first ? (slot & (page_rows - 1)) + G <= page_rows : slot == prev + 1);
-          good[h] = __ballot_sync(0xffffffffu, ok);
-        }
-        const int u = lane % (2 * G), r0 = R * pw + lane / (2 * G) * G;
-        const u32 run = (good[r0 / 32 % W] >> (r0 % 32)) & ((1u << G) - 1);
-        const bool boxed = run == (1u << G) - 1;
-        const int r = boxed ? r0 : r0 + min(u / kBlocks, G - 1), blk = u % kBlocks;
+      for (int j = 0; j < 16 / Cfg::kRowsPerPass; ++j) {
+        const int r = 16 * pw + lane / Cfg::kChunks + Cfg::kRowsPerPass * j;
         const int slot = __shfl_sync(0xffffffffu, my_slot, r % 32);
-        if (u < (boxed ? kBlocks : G * kBlocks)) {
-          const int page = tile_start + r < ch.tok_end ? slot >> log2_page : 0x3fffffff;
-          const int prow = slot & (page_rows - 1);
-          const u32 off = (blk * KN + r) * 128;
-          tma_load_4d(smem_addr(sk) + off, boxed ? &tma_k8 : &tma_k, 64 * blk, prow, hk, page, bar_full + stage);
-          tma_load_4d(smem_addr(sv) + off, boxed ? &tma_v8 : &tma_v, 64 * blk, prow, hk, page, bar_full + stage);
-        }
-        if (tid == 0) mbar_arrive_expect_tx(bar_full + stage, 2 * KN * D * sizeof(T));
-        else mbar_arrive(bar_full + stage);
-        continue;
-      }
-#pragma unroll
-      for (int j = 0; j < R / Cfg::kRowsPerPass; ++j) {
-        const int r = R * pw + lane / Cfg::kChunks + Cfg::kRowsPerPass * j, r32 = r % 32;
-        const int slot = __shfl_sync(0xffffffffu, my_slot, r32);
-        const bool ok = tile_start + r < ch.tok_end;
+        const bool ok = tile_start + r < w.ch.tok_end;
         const i64 page = slot >> log2_page;
         const int prow = slot & ((1 << log2_page) - 1);
         const int cc = lane % Cfg::kChunks;
-        cp_async_16(smem_addr(sk + KVTile::offset(r, cc)), k_pool + (page * k_sp + (hk * k_sh + prow * k_sr + col)), ok ? 16 : 0);
-        cp_async_16(smem_addr(sv + KVTile::offset(r, cc)), v_pool + (page * v_sp + (hk * v_sh + prow * v_sr + col)), ok ? 16 : 0);
+        cp_async_16(smem_addr(sk + Tile::offset(r, cc)), k_pool + (page * k_sp + (w.hk * k_sh + prow * k_sr + col)), ok ? 16 : 0);
+        cp_async_16(smem_addr(sv + Tile::offset(r, cc)), v_pool + (page * v_sp + (w.hk * v_sh + prow * v_sr + col)), ok ? 16 : 0);
       }
       cp_async_commit();
       if (it >= Cfg::kLag) {  // publish tile it - kLag: its copies have landed
@@ -678,77 +591,65 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
         mbar_arrive(bar_full + (it - Cfg::kLag) % S);
       }
     }
-    if constexpr (!Cfg::kTma) {
-      cp_async_wait<0>();
-      fence_proxy_async();
-      for (int t = max(0, num_tiles - Cfg::kLag); t < num_tiles; ++t) mbar_arrive(bar_full + t % S);
-    }
+    cp_async_wait<0>();
+    fence_proxy_async();
+    for (int u = max(0, w.num_tiles - Cfg::kLag); u < w.num_tiles; ++u) mbar_arrive(bar_full + u % S);
     return;
   }
 
   // Consumers: warpgroup cw owns rows m0 + mw .. m0 + mw + 63 (mw = 0 when splitting keys).
-  if constexpr (Cfg::kRealloc) setmaxnreg_inc<Cfg::kConsumerRegs>();
   const int cw = wg - 1, w4 = warp % 4;
+  const bool split = w.rows_here <= 64;
   const int mw = split ? 0 : 64 * cw;
-  const int g = lane / 4;
-  T* my_q = smem_q + cw * Cfg::kQElems;
+  const int m_lane = w.m0 + mw + 16 * w4 + lane / 4;  // the lane's first row
+  T* my_q = smem_kv + (2 * (S - 1) + cw) * Cfg::kTileElems;  // the last stage's K (consumer 0) or V (1)
   for (int i = tid % 128; i < 64 * Cfg::kChunks; i += 128) {
     const int r = i / Cfg::kChunks, cc = i % Cfg::kChunks;
-    const int m = m0 + mw + r;
-    const bool ok = m < rows;
-    const int mm = ok ? m : m0;
-    const T* src = q + (ch.q0 + mm / group) * q_sq + (hk * group + mm % group) * q_sh + cc * 8;
-    cp_async_16(smem_addr(my_q + WgTile<D, 64>::offset(r, cc)), src, ok ? 16 : 0);
+    const int m = w.m0 + mw + r;
+    const bool ok = m < w.rows;
+    const int mm = ok ? m : w.m0;
+    const T* src = q + (w.ch.q0 + mm / group) * q_sq + (w.hk * group + mm % group) * q_sh + cc * 8;
+    cp_async_16(smem_addr(my_q + Tile::offset(r, cc)), src, ok ? 16 : 0);
   }
   cp_async_commit();
   cp_async_wait<0>();
-  fence_proxy_async();  // Q is read by wgmma (the async proxy)
   named_barrier_sync(1 + cw, 128);
-  u32 qf[Cfg::kQInRegs ? D / 16 : 1][4];
-  if constexpr (Cfg::kQInRegs) {
+  u32 qf[D / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, WgTile<D, 64>>(qf[kk], my_q, 16 * w4, kk, lane);
-  }
+  for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, Tile>(qf[kk], my_q, 16 * w4, kk, lane);
+  __syncwarp();
+  if (lane == 0) mbar_arrive(bar_empty + S - 1);  // Q is in registers: the producer may fill the stage
 
   DeftRows<D> st;
   st.clear();
-  // Ping-pong: consumer cw issues its S product after the other one's (barrier 4 + cw), so one
-  // warpgroup's softmax runs under the other's products; consumer 1 lets consumer 0 go first.
-  if (Cfg::kPingPong && cw == 1) named_barrier_arrive(4, 256);
-  auto pass_turn = [&]() {
-    if constexpr (Cfg::kPingPong) named_barrier_arrive(4 + (1 - cw), 256);
-  };
-  for (int it = 0; it < num_tiles; ++it) {
+  for (int it = 0; it < w.num_tiles; ++it) {
     const int stage = it % S;
     mbar_wait(bar_full + stage, (it / S) & 1);
     if (!split || (it & 1) == cw) {
-      if constexpr (Cfg::kPingPong) named_barrier_sync(4 + cw, 256);
       const T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
-      auto tile_vis = [&](unsigned long long (&vis)[KN / 64][2]) {
+      auto tile_vis = [&](unsigned long long (&vis)[2]) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int ql = min(m0 + mw + 16 * w4 + g + 8 * r, rows - 1) / group - m0 / group;  // rows past the chunk clamp
-          const unsigned long long* bits = reinterpret_cast<const unsigned long long*>(smem_vis + (stage * Cfg::kBlockM + ql) * W);
-#pragma unroll
-          for (int half = 0; half < KN / 64; ++half) vis[half][r] = bits[half];
+          const int ql = min(m_lane + 8 * r, w.rows - 1) / group - w.m0 / group;  // rows past the chunk clamp
+          vis[r] = *reinterpret_cast<const unsigned long long*>(smem_vis + (stage * Cfg::kBlockM + ql) * 2);
         }
       };
-      deft_step_ws<T, D, KN, Cfg::kQInRegs>(st, qf, smem_addr(my_q), smem_addr(sk), smem_addr(sk + Cfg::kTileElems), smem_full[stage] != 0,
-                         tile_vis, pass_turn, scale_log2, lane);
+      deft_step_wg<T, D>(st, qf, smem_addr(sk), smem_addr(sk + Cfg::kTileElems), smem_full[stage] != 0, tile_vis,
+                         scale_log2, lane);
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(bar_empty + stage);
   }
 
-  if (split) {  // the two consumers ran the same rows over alternate tiles: merge
+  if (split) {  // the two consumers ran the same rows over alternate tiles: merge through the ring
     float* red = reinterpret_cast<float*>(smem_kv);
     named_barrier_sync(3, 256);  // both have left the ring (every copy has landed: all tiles were waited for)
-    if (cw == 1) deft_save_rows(st, red + w4 * DeftConfig<D>::kRedFloats, lane);
+    if (cw == 1) deft_save_rows(st, red + w4 * Cfg::kRedFloats, lane);
     named_barrier_sync(3, 256);
     if (cw == 1) return;
-    deft_merge_rows(st, red + w4 * DeftConfig<D>::kRedFloats, lane);
+    deft_merge_rows(st, red + w4 * Cfg::kRedFloats, lane);
   }
-  deft_store_rows(st, m0 + mw + 16 * w4 + g, rows, group, hk, slot_base[c], num_heads, mid_o, mid_lse, lane);
+  deft_store_rows(st, m_lane, w.rows, group, w.hk, slot_base[w.c], num_heads, mid_o, mid_lse, lane);
 }
 
 template <typename T, int D>

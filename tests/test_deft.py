@@ -126,6 +126,35 @@ def test_chunk_length_worked_example():
     assert deft.choose_chunk_len(q_lo[:100], q_hi[:100], g, hkv, 132) == 64
 
 
+def test_plan_block_m(gen):
+    c = build_tree(gen, depth=3, max_branch=6, max_len=200, page=16, hkv=2, d=16)
+    for block_m in (64, 128):  # 128: the Hopper warp-specialised kernel's work items
+        plan = deft.deft_plan(c, 8, chunk_len=128, block_m=block_m)
+        h = plan.host
+        rows = (h["chunks"][:, 3] - h["chunks"][:, 2]) * 4
+        assert plan.block_m == block_m
+        np.testing.assert_array_equal(np.bincount(h["work"][:, 0], minlength=len(rows)), -(-rows // block_m))
+    with pytest.raises(ValueError, match="block_m: expected 64 or 128, got 100"):
+        deft.deft_plan(c, 8, block_m=100)
+    assert deft.deft_plan(c, 8).block_m == 64  # a CPU plan: the 64-row kernels
+
+
+def _shared_prefix_tokens(s, b, u):
+    """(slot, q_lo, q_hi, mask_col) records of a prefix of s tokens under b branches of u tokens."""
+    q_lo = np.concatenate([np.zeros(s, int)] + [np.full(u, i) for i in range(b)])
+    q_hi = np.concatenate([np.full(s, b)] + [np.full(u, i + 1) for i in range(b)])
+    return np.stack([np.arange(len(q_lo)), q_lo, q_hi, np.full(len(q_lo), -1)], 1)
+
+
+def test_block_m_choice_on_hopper():
+    # 64 branches x G = 4 share 16384 keys: 256-row chunks carry the work, 2 waves of 128-row items
+    assert deft._choose_block_m(_shared_prefix_tokens(16384, 64, 128), 4, 8, 132) == 128
+    assert deft.ws_chunk_len(*_shared_prefix_tokens(16384, 64, 128).T[1:3], 4, 8, 132) == 1280
+    assert deft._choose_block_m(_shared_prefix_tokens(4096, 32, 256), 4, 8, 132) == 64  # 128 rows: narrow
+    assert deft._choose_block_m(_shared_prefix_tokens(1024, 64, 16), 4, 8, 132) == 64  # too little work
+    assert deft._choose_block_m(_shared_prefix_tokens(16384, 64, 128)[:0], 4, 8, 132) == 64
+
+
 def shared_prefix_cache(s, b, u, page=16, hkv=2, d=16, dtype=torch.float64, gen=None):
     c = TreeKVCache(1, (s + b * u) // page + b + 2, hkv, d, page_size=page, dtype=dtype)
     c.create_root(k=torch.randn(1, s, hkv, d, generator=gen, dtype=dtype), v=torch.randn(1, s, hkv, d, generator=gen, dtype=dtype))
@@ -254,16 +283,20 @@ def check_gpu(c, plan, q, what, **kw):
     return out
 
 
-@pytest.fixture(params=["wgmma", "mma.sync"])
+@pytest.fixture(params=["ws", "wgmma", "mma.sync"])
 def stage1(request, monkeypatch):
-    """Each stage-1 kernel the device runs: on compute capability 9.0 the wgmma (sm_90a) kernel by
-    default and the portable mma.sync kernel with FLASHTREE_WGMMA=0; elsewhere only the latter."""
-    wgmma = request.param == "wgmma"
-    if wgmma and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("wgmma needs compute capability 9.0")
-    monkeypatch.setattr(deft, "_WGMMA", wgmma)
+    """Each stage-1 kernel the device runs: on compute capability 9.0 the warp-specialised kernel
+    (128-row work items, forced here: the plan picks it for wide shared trees) and the 64-row
+    wgmma kernel, both sm_90a, and the portable mma.sync kernel with FLASHTREE_WGMMA=0; elsewhere
+    only the latter."""
+    hopper = request.param != "mma.sync"
+    if hopper and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("sm_90a kernels need compute capability 9.0")
+    monkeypatch.setattr(deft, "_WGMMA", hopper)
     monkeypatch.setattr(deft, "_validated", {})  # validated entries keep their loaded kernels
-    assert deft.use_wgmma(torch.device("cuda")) == wgmma
+    block_m = deft.WS_BLOCK_M if request.param == "ws" else deft.BLOCK_M
+    monkeypatch.setattr(deft, "_choose_block_m", lambda *args: block_m)
+    assert deft.use_wgmma(torch.device("cuda")) == hopper
     return request.param
 
 

@@ -92,35 +92,8 @@ __device__ __forceinline__ void mbar_wait(u64* bar, int parity) {
                  : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
   } while (!done);
 }
-// An mbarrier arrival that also expects `bytes` more bytes of asynchronous (TMA) copies: the phase
-// completes when its arrivals are in and those bytes have landed.
-__device__ __forceinline__ void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-
-// TMA (the tensor memory accelerator): a tensor map (CUtensorMap, encoded on the host by
-// cuTensorMapEncodeTiled, passed as a __grid_constant__ kernel parameter) describes a global
-// tensor and a box; tma_load_4d copies the box at coordinates (c0 innermost .. c3) to shared memory
-// at dst (swizzled as the map says) and completes its bytes on the mbarrier. Coordinates out of the
-// tensor read zeros (and still count their bytes).
-struct alignas(64) TmaDesc {
-  unsigned long long opaque[16];
-};
-__device__ __forceinline__ void tma_load_4d(u32 dst, const TmaDesc* desc, int c0, int c1, int c2, int c3, u64* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];"
-      ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(desc)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_addr(bar))
-      : "memory");
-}
-__device__ __forceinline__ void tma_prefetch_desc(const TmaDesc* desc) {
-  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<unsigned long long>(desc)) : "memory");
-}
-
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
 // d (64 x N) = A (desc a) * B (desc b) + (accumulate ? d : 0); A and B K-major.
@@ -157,25 +130,11 @@ __device__ __forceinline__ void wgmma_rs_mn(float (&d)[N / 8][4], const u32 (&a)
                  : FT_ACC32(d) : "l"(a), "l"(b), "r"(accumulate));                                       \
   }                                                                                                      \
   template <>                                                                                            \
-  __device__ __forceinline__ void wgmma_ss<T, 128>(float (&d)[16][4], u64 a, u64 b, int accumulate) {   \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                            \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " {"                       \
-                 FT_REGS64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                            \
-                 : FT_ACC64(d) : "l"(a), "l"(b), "r"(accumulate));                                       \
-  }                                                                                                      \
-  template <>                                                                                            \
   __device__ __forceinline__ void wgmma_rs<T, 64>(float (&d)[8][4], const u32 (&a)[4], u64 b, int accumulate) { \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                            \
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32." NAME "." NAME " {"                        \
                  FT_REGS32 "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                              \
                  : FT_ACC32(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));   \
-  }                                                                                                      \
-  template <>                                                                                            \
-  __device__ __forceinline__ void wgmma_rs<T, 128>(float (&d)[16][4], const u32 (&a)[4], u64 b, int accumulate) { \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                            \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." NAME "." NAME " {"                       \
-                 FT_REGS64 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                              \
-                 : FT_ACC64(d) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));   \
   }                                                                                                      \
   template <>                                                                                            \
   __device__ __forceinline__ void wgmma_rs_mn<T, 64>(float (&d)[8][4], const u32 (&a)[4], u64 b) {      \
@@ -195,12 +154,6 @@ FT_DEFINE_WGMMA(bf16, "bf16")
 FT_DEFINE_WGMMA(f16, "f16")
 #undef FT_DEFINE_WGMMA
 
-// Move registers between the warpgroups of a warp-specialised CTA: a producer warpgroup gives
-// some back (dec), the consumers take them (inc); N is per thread, a multiple of 8 in [24, 256].
-template <int N>
-__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N)); }
-template <int N>
-__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N)); }
 #endif
 #undef FT_REGS32
 #undef FT_REGS64
