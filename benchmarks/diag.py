@@ -12,6 +12,7 @@
                                                             DIAG_TIME=1 also its graph-replay time
   python benchmarks/diag.py deft_chunks I                   deft_attention on row I for each chunk length and M
   python benchmarks/diag.py deft_blockm                     every shared-prefix row with M = 64 and M = 128
+  python benchmarks/diag.py dfs_fwd                         tree_attention forward on the dfs suite's trees
   python benchmarks/diag.py hostprofile                     cProfile of the host path of tiny calls
 """
 import os
@@ -262,6 +263,20 @@ def deft_blockm():
         print(line, flush=True)
 
 
+def dfs_fwd():
+    """tree_attention forward (graph replay) on the dfs suite's trees: bf16, H = 32, Hkv = 8, D = 128."""
+    from flashtree.bench.suites import dfs as suite
+    from flashtree.bench.timing import bench
+    for params in suite.TREES:
+        sq, ek, cu = (x.cuda() for x in suite.packed_arrays(suite.workload_trees(params)))
+        n = sq.shape[0]
+        q = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(n, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        fn = lambda: flashtree.tree_attention(q, k, v, cu, sq, ek)  # noqa: E731
+        print(f"{suite._label(dict(params, mode='fwd')):40s} graph {bench(fn, warmup=5, iters=30, graph=True).median_us:8.1f} us",
+              flush=True)
+
+
 def merge(n, s):
     o = torch.randn(n, s, 32, 128, device="cuda", dtype=torch.bfloat16)
     lse = torch.randn(n, s, 32, device="cuda")
@@ -273,4 +288,4 @@ def merge(n, s):
 if __name__ == "__main__":
     {"decode": decode, "merge": merge, "variants": variants, "mergevariants": mergevariants, "overhead": overhead,
      "hostprofile": hostprofile, "deft_host": deft_host, "deft_kernels": deft_kernels,
-     "deft_row": deft_row, "deft_chunks": deft_chunks, "deft_blockm": deft_blockm}[sys.argv[1]](*map(int, sys.argv[2:]))
+     "deft_row": deft_row, "deft_chunks": deft_chunks, "deft_blockm": deft_blockm, "dfs_fwd": dfs_fwd}[sys.argv[1]](*map(int, sys.argv[2:]))

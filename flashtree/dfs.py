@@ -19,6 +19,11 @@ Worked example, 4 x (prompt 2048 + 8 x 512): a response-r query tile has min sta
 tiles of responses r' < r have max end_k = r' < r: skipped. It visits 32 prompt tiles and its own
 response's tiles, exactly the visible blocks.
 
+Forward on Hopper (compute capability 9.0, G = H / Hkv even; FLASHTREE_WGMMA=0 turns it off): an
+sm_90a kernel in which a producer warp walks the visible K tiles and copies them by TMA while two
+consumer warpgroups run two query heads of the KV group on wgmma over the same tiles
+(``dfs_fwd_ws_kernel``); elsewhere the portable mma.sync kernel.
+
 Backward, deterministic without atomics: ``delta = rowsum(dO * O) - dlse`` (pre-pass); kernel A per
 (K tile, KV head) loops over the Q tiles that see it and over the G query heads of the group,
 accumulating dK and dV in registers (the GQA reduction happens in a fixed order); kernel B per
@@ -29,6 +34,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import struct
 import weakref
 
 import numpy as np
@@ -36,6 +43,7 @@ import torch
 
 from . import _checks, _interop, _jit, reference
 from . import tree as _tree
+from ._jit import tma
 
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -61,6 +69,13 @@ def _spec(stage: str, dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
 
 
 fwd_spec = functools.partial(_spec, "fwd")
+
+
+@functools.lru_cache(maxsize=None)
+def fwd_ws_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
+    """The Hopper forward (sm_90a, built for sm_90 only): two query heads of a KV group per CTA."""
+    return _jit.KernelSpec(family="dfs", kernel="ft::dfs_fwd_ws_kernel", template_args=(_jit.ctype(dtype), head_dim),
+                           name=f"dfs_fwd_ws_{_jit.short(dtype)}_d{head_dim}", arch_suffix="a", archs=("sm_90",))
 delta_spec = functools.partial(_spec, "bwd_delta")
 dkdv_spec = functools.partial(_spec, "bwd_dkdv")
 dq_spec = functools.partial(_spec, "bwd_dq")
@@ -71,6 +86,7 @@ def _shipped():
     for dtype in DTYPES:
         for d in HEAD_DIMS:
             yield fwd_spec(dtype, d)
+            yield fwd_ws_spec(dtype, d)
             yield delta_spec(dtype, d)
             yield dkdv_spec(dtype, d)
             yield dq_spec(dtype, d)
@@ -82,6 +98,24 @@ _jit.register_shipped("dfs", _shipped)
 def fwd_smem(head_dim: int) -> int:
     """Q [64][D] + 2 stages x (K + V) [64][D], 16-bit."""
     return 2 * (TILE * head_dim + 2 * 2 * TILE * head_dim)
+
+
+def fwd_ws_smem(head_dim: int) -> int:
+    """DfsWsConfig::kBytes: Q of 2 heads and 5 stages of K + V [64][D] 16-bit, per stage 64 end_k
+    and a 16-byte header, 11 mbarriers; 1 KB more to start the tiles on a 1024-byte boundary."""
+    return 2 * (2 + 2 * _WS_STAGES) * TILE * head_dim + _WS_STAGES * (4 * TILE + 16) + (2 * _WS_STAGES + 1) * 8 + 1024
+
+
+_WS_STAGES = 5  # DfsWsConfig::kStages
+# The forward on compute capability 9.0 runs the sm_90a kernel when G = H / Hkv is even;
+# FLASHTREE_WGMMA=0 keeps the portable one (as for DeFT).
+_WGMMA = os.environ.get("FLASHTREE_WGMMA", "1") != "0"
+
+
+def use_ws_forward(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the forward of these CUDA tensors runs the Hopper kernel (dfs_fwd_ws_kernel)."""
+    return (_WGMMA and torch.cuda.get_device_capability(q.device) == (9, 0)
+            and (q.shape[1] // k.shape[1]) % 2 == 0)
 
 
 def dkdv_smem(head_dim: int) -> int:
@@ -127,8 +161,35 @@ def _launch_tiles(cu_seqlens, start_q, end_k, tiles) -> None:
             np.int32(start_q.shape[0]), _ptr(tiles), np.int32(slots)))
 
 
+_WS_TAIL = _jit.param_layout("QQQi Qqq QQ iif")  # dfs_fwd_ws_kernel's parameters after its 3 tensor maps
+_ws_layouts: dict[int, struct.Struct] = {}
+
+
+def _ws_layout(kernel) -> struct.Struct:
+    """The Hopper forward's parameter buffer: 3 tensor maps (128 bytes, 64-byte aligned: the compiler
+    may start them past offset 0, so the offset is read from the loaded kernel), then the rest."""
+    layout = _ws_layouts.get(id(kernel))
+    if layout is None:
+        first = kernel.param_offset(0)
+        if first % 8 or kernel.param_offset(3) != first + 384:
+            raise RuntimeError(f"dfs_fwd_ws_kernel: unexpected parameter offsets {first}, {kernel.param_offset(3)}")
+        layout = _ws_layouts[id(kernel)] = struct.Struct("<" + "x" * first + "128s" * 3 + _WS_TAIL.format[1:])
+    return layout
+
+
 def _launch_fwd(q, k, v, start_q, end_k, tiles, o, lse, scale, visited) -> None:
     n, h, d = q.shape
+    if use_ws_forward(q, k):
+        kernel = _jit.get_kernel(fwd_ws_spec(q.dtype, d), q.device)
+        box = (64, 1, TILE)  # 64 columns of one head, 64 rows: a WgTile column block
+        kernel.launch(
+            (h // 2 * tiles.shape[0], 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel),
+            (tma.swizzled_map(q, box), tma.swizzled_map(k, box), tma.swizzled_map(v, box),
+             start_q.data_ptr(), end_k.data_ptr(), tiles.data_ptr(), tiles.shape[0],
+             o.data_ptr(), *o.stride()[:2], lse.data_ptr(), visited.data_ptr() if visited is not None else 0,
+             h, h // k.shape[1], scale * math.log2(math.e)),
+            smem=fwd_ws_smem(d))
+        return
     kernel = _jit.get_kernel(fwd_spec(q.dtype, d), q.device)
     kernel((h * tiles.shape[0], 1, 1), (_THREADS, 1, 1),
            (_ptr(q), *_i64(q), _ptr(k), *_i64(k), _ptr(v), *_i64(v),

@@ -59,6 +59,7 @@
 #include "common/mma.cuh"
 #include "common/warp_gemm.cuh"
 #include "common/wgmma.cuh"
+#include "common/wg_step.cuh"
 
 namespace ft {
 
@@ -83,42 +84,10 @@ struct DeftConfig {
   static_assert(kBlockN == 64 && kWarps == 4, "a tile's keys split as 64 / warps_n per warp");
 };
 
-// Stage 1's per-warp state: O, the reference maxima and row sums of its rows g and g + 8.
-template <int D>
-struct DeftRows {
-  float o_acc[D / 8][4];
-  float row_max[2];
-  float l_acc[4];  // row sums (mma_row_sum): row g in [0], g + 8 in [2]
-  __device__ __forceinline__ void clear() {
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) l_acc[e] = 0.f;
-    row_max[0] = row_max[1] = neg_inf();
-  }
-};
-
-// Scores of keys kb .. kb + KW - 1 that a row's query does not see become -inf: vis[r] holds the
-// tile's visibility bits of row g + 8 r's query (bit k: key k of the tile).
-template <int KW>
-__device__ __forceinline__ void mask_invisible(float (&s)[KW / 8][4], const unsigned long long (&vis)[2], int kb,
-                                               int lane) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const unsigned long long bits = vis[r] >> (kb + 2 * (lane % 4));  // bit 8 j + e2: key kb + 8 j + 2 c4 + e2
-#pragma unroll
-    for (int j = 0; j < KW / 8; ++j) {
-#pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2)
-        if (!((bits >> (8 * j + e2)) & 1ull)) s[j][2 * r + e2] = neg_inf();
-    }
-  }
-}
-
 // One softmax step of a warp's 16 rows over keys kb .. kb + KW - 1 of a KV tile (mma.sync). Unless
 // the tile is full, vis holds the visibility bits of the lane's two rows.
 template <int KW, typename Layout, typename T, int D>
-__device__ __forceinline__ void deft_step(DeftRows<D>& st, const T* smem_q, const T* sk, const T* sv, bool full,
+__device__ __forceinline__ void deft_step(RowState<D>& st, const T* smem_q, const T* sk, const T* sv, bool full,
                                           const unsigned long long (&vis)[2], int warp_row0, int kb, float scale_log2,
                                           int lane) {
   // Step 4a: S = Q K^T; Q fragments are re-read from shared memory: registers go to O and S.
@@ -148,49 +117,11 @@ __device__ __forceinline__ void deft_step(DeftRows<D>& st, const T* smem_q, cons
   }
 }
 
-// The same step for a whole 64-row tile on the warpgroup's tensor cores (wgmma, sm_90a): the 4
-// warps issue S (64 x 64) = Q K^T together (Q from registers: q holds this warp's 16 rows as A
-// fragments; K from shared memory), each warp then runs the softmax of its 16 rows on its
-// fragment of S (the mma.sync layout), and O (64 x D) += P V takes P from registers and V from
-// shared memory. k and v are the tiles' shared-memory byte addresses (WgTile<D, 64> layout,
-// 1024-byte aligned); tile_vis(vis) reads the lane's visibility bits (called only if !full). Both
-// products complete before it returns: the next barrier may hand this tile's K/V stage to a copy.
-template <typename T, int D, typename VisFn>
-__device__ __forceinline__ void deft_step_wg(DeftRows<D>& st, const u32 (&q)[D / 16][4], u32 k, u32 v, bool full,
-                                             VisFn tile_vis, float scale_log2, int lane) {
-  using Tile = WgTile<D, 64>;
-  float s[8][4];
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 64>(s, q[kk], Tile::kmajor_desc(k, kk), kk);
-  wgmma_commit();
-  wgmma_wait<0>();
-
-  if (!full) {  // the bits are read only now: no registers held across the product
-    unsigned long long vis[2];
-    tile_vis(vis);
-    mask_invisible<64>(s, vis, 0, lane);
-  }
-  online_softmax_step(s, scale_log2, st.row_max, st.l_acc, st.o_acc);
-
-  u32 p[4][4];
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    acc_to_a<T>(p[kk], s, kk);
-    mma_row_sum<T>(st.l_acc, p[kk]);
-  }
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(st.o_acc, p[kk], Tile::mnmajor_desc(v, kk));
-  wgmma_commit();
-  wgmma_wait<0>();
-}
-
 // The end of stage 1 for split keys: the warps (or warpgroups) that ran the same rows over
 // different keys merge their states through shared memory. deft_save_rows writes a warp's state to
 // its kRedFloats slice `red`; deft_merge_rows folds the state saved at `other` into st.
 template <int D>
-__device__ __forceinline__ void deft_save_rows(const DeftRows<D>& st, float* red, int lane) {
+__device__ __forceinline__ void deft_save_rows(const RowState<D>& st, float* red, int lane) {
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) {
 #pragma unroll
@@ -204,7 +135,7 @@ __device__ __forceinline__ void deft_save_rows(const DeftRows<D>& st, float* red
 }
 
 template <int D>
-__device__ __forceinline__ void deft_merge_rows(DeftRows<D>& st, const float* other, int lane) {
+__device__ __forceinline__ void deft_merge_rows(RowState<D>& st, const float* other, int lane) {
   float wa[2], wb[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -226,7 +157,7 @@ __device__ __forceinline__ void deft_merge_rows(DeftRows<D>& st, const float* ot
 // Normalise and store the partial states of the lane's rows m = m_g and m_g + 8 of chunk c (rows
 // at or past `rows` are not stored): mid_o[slot_base + m / group, hk * group + m % group, :].
 template <int D>
-__device__ __forceinline__ void deft_store_rows(const DeftRows<D>& st, int m_g, int rows, int group, int hk,
+__device__ __forceinline__ void deft_store_rows(const RowState<D>& st, int m_g, int rows, int group, int hk,
                                                 int slot_base, int num_heads, float* __restrict__ mid_o,
                                                 float* __restrict__ mid_lse, int lane) {
   const int c4 = lane % 4;
@@ -363,7 +294,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   const int g = lane / 4, c4 = lane % 4;
   const int warp_row0 = wm * 16;
   const bool warp_active = warp_row0 < rows_here;
-  DeftRows<D> st;
+  RowState<D> st;
   st.clear();
 
   // Prologue: Q and the records of tiles 0 and 1, then (after the barrier that publishes them and
@@ -411,8 +342,8 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
     const T* sv = sk + Cfg::kTileElems;
 
     if constexpr (WG) {  // every warp: rows past the chunk are computed and never stored
-      deft_step_wg<T, D>(st, qf, smem_addr(sk), smem_addr(sv), full,
-                         [&](unsigned long long (&vis)[2]) { tile_vis(it, vis); }, scale_log2, lane);
+      wg_attention_step<T, D>(st, qf, smem_addr(sk), smem_addr(sv), full,
+                              [&](unsigned long long (&vis)[2]) { tile_vis(it, vis); }, scale_log2, lane);
     } else if (warp_active) {
       unsigned long long vis[2] = {~0ull, ~0ull};
       if (!full) tile_vis(it, vis);
@@ -452,8 +383,8 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 //   bits and the flag).
 //   Consumer: Q rows through the ring's last stage into registers (A fragments), then an arrival on
 //   that stage's `empty` barrier (its first phase); per tile wait for `full`,
-//   one deft_step_wg unless the tile belongs to the other consumer, then each warp arrives on the
-//   stage's `empty` mbarrier (both products have completed); at the end the split merge (through
+//   one wg_attention_step unless the tile belongs to the other consumer, then each warp arrives on
+//   the stage's `empty` mbarrier (both products have completed); at the end the split merge (through
 //   the idle ring) and the store.
 // Measured and dropped (benchmarks/NOTES.md, session 6): TMA copies, 128-key tiles, Q in shared
 // memory, register reallocation between the warpgroups, ping-pong ordering of the consumers, a
@@ -620,7 +551,7 @@ deft_partial_ws_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   __syncwarp();
   if (lane == 0) mbar_arrive(bar_empty + S - 1);  // Q is in registers: the producer may fill the stage
 
-  DeftRows<D> st;
+  RowState<D> st;
   st.clear();
   for (int it = 0; it < w.num_tiles; ++it) {
     const int stage = it % S;
@@ -634,8 +565,8 @@ deft_partial_ws_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
           vis[r] = *reinterpret_cast<const unsigned long long*>(smem_vis + (stage * Cfg::kBlockM + ql) * 2);
         }
       };
-      deft_step_wg<T, D>(st, qf, smem_addr(sk), smem_addr(sk + Cfg::kTileElems), smem_full[stage] != 0, tile_vis,
-                         scale_log2, lane);
+      wg_attention_step<T, D>(st, qf, smem_addr(sk), smem_addr(sk + Cfg::kTileElems), smem_full[stage] != 0,
+                              tile_vis, scale_log2, lane);
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(bar_empty + stage);

@@ -17,6 +17,9 @@
 //   dfs_fwd_kernel       grid H * slots: head = x % H, slot = slots - 1 - x / H (the heads of one tile
 //                        run together and share K/V in L2; long rows first).
 //                        smem = 2 * (64 D + 2 stages * 2 * 64 D) bytes; K/V by cp.async, double-buffered.
+//   dfs_fwd_ws_kernel    the forward on compute capability 9.0 when G is even (sm_90a): 384 threads,
+//                        grid (H / 2) * slots, two query heads per CTA sharing each K/V tile (TMA
+//                        copies, wgmma; its section below).
 //   dfs_bwd_delta_kernel delta[i, h] = sum_d dO[i, h, d] O[i, h, d] - dlse[i, h]; grid over N * H rows.
 //   dfs_bwd_dkdv_kernel  grid Hkv * slots (slot = x / Hkv, ascending): one K tile and KV head; loops
 //                        over the Q tiles that see it and the G query heads of the group (a fixed
@@ -40,6 +43,8 @@
 #include "common/state.cuh"
 #include "common/mma.cuh"
 #include "common/warp_gemm.cuh"
+#include "common/wgmma.cuh"
+#include "common/wg_step.cuh"
 
 namespace ft {
 
@@ -286,6 +291,168 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
     if (row >= row_end) continue;
     store_row<D>(o + static_cast<i64>(row) * o_sn + h * o_sh, o_acc, r, total > 0.f ? 1.f / total : 0.f, c4);
     if (c4 == 0) lse[static_cast<i64>(row) * num_heads + h] = lse_from_base2(row_max[r], total);
+  }
+}
+
+// --------------------------------------------------------------- forward, Hopper (sm_90a)
+//
+// dfs_fwd_ws_kernel: the forward for compute capability 9.0 when G = H / Hkv is even. One CTA per
+// (Q tile, pair of query heads of one KV group), 3 warpgroups: warpgroup 0's first warp (the
+// producer) walks the visible K tiles (as dfs_fwd_kernel) and copies each K/V tile by TMA into a
+// ring of kStages stages (4 [64][64] boxes per tile at D = 128), with the tile's 64 end_k values and
+// its (key0, full, valid) header; warpgroups 1 and 2 (the consumers) run heads 2 p and 2 p + 1 of the
+// pair over the same tiles on wgmma (wg_attention_step: S in registers, Q as register A fragments), so
+// each K/V tile crosses L2 -> SM once for two heads. A stage with valid = 0 ends the walk. Rows and
+// keys past the tile (another sequence, or past N: zeros) are computed and masked, never stored.
+// grid = (H / 2) * slots: pair = x % (H / 2), slot = slots - 1 - x / (H / 2).
+template <int D>
+struct DfsWsConfig {
+  static constexpr int kStages = 5;
+  static constexpr int kTileElems = kTile * D;
+  static constexpr int kTileBytes = (2 + 2 * kStages) * kTileElems * 2;  // Q of 2 heads, the K/V ring
+  // Then per stage 64 end_k (int) and a header int4; the full/empty mbarriers and Q's (host: same sum).
+  static constexpr int kBytes = kTileBytes + kStages * (kTile * 4 + 16) + (2 * kStages + 1) * 8;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(384, 1)
+dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
+                  const __grid_constant__ TmaDesc tma_v, const int* __restrict__ start_q,
+                  const int* __restrict__ end_k, const int* __restrict__ tiles, int num_slots,
+                  T* __restrict__ o, i64 o_sn, i64 o_sh, float* __restrict__ lse, int* __restrict__ visited,
+                  int num_heads, int group, float scale_log2) {
+  using Cfg = DfsWsConfig<D>;
+  using Tile = WgTile<D, kTile>;
+  static_assert(kHaveWgmma, "the warp-specialised forward needs the sm_90a target");
+  constexpr int S = Cfg::kStages;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem_base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the host adds 1 KB
+  T* smem_q = reinterpret_cast<T*>(smem_base);                  // [2 heads][64][D]
+  T* smem_kv = smem_q + 2 * Cfg::kTileElems;                    // stage s: K at 2 s, V at 2 s + 1
+  int* smem_ek = reinterpret_cast<int*>(smem_base + Cfg::kTileBytes);  // [S][64]
+  int4* smem_hdr = reinterpret_cast<int4*>(smem_ek + S * kTile);        // [S] (key0, full, valid, -)
+  u64* bar_full = reinterpret_cast<u64*>(smem_hdr + S);                 // [S]
+  u64* bar_empty = bar_full + S;                                         // [S]
+  u64* bar_q = bar_empty + S;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
+  const int pairs = num_heads / 2;
+  const int pair = blockIdx.x % pairs;
+  const int j = num_slots - 1 - static_cast<int>(blockIdx.x / pairs);
+  const int* meta = tiles + static_cast<i64>(j) * kMeta;
+  const int row0 = meta[0], row_end = meta[1], first_slot = meta[2], q_min_s = meta[4], q_max_s = meta[5];
+  if (row0 >= row_end) return;  // an unused slot: the whole CTA leaves before any barrier
+  const int hk = 2 * pair / group;
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(bar_full + s, 32);  // the producer warp's lanes (lane 0 with the tile's bytes)
+      mbar_init(bar_empty + s, 8);  // the consumers' warps
+    }
+    mbar_init(bar_q, 1);
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    if (warp != 0) return;
+    // Producer (one warp; lane 0 issues the copies).
+    constexpr u32 kTileTx = 2 * kTile * D * sizeof(T);  // K and V
+    if (lane == 0) {
+      tma_prefetch_desc(&tma_q);
+      tma_prefetch_desc(&tma_k);
+      tma_prefetch_desc(&tma_v);
+      mbar_arrive_expect_tx(bar_q, 2 * kTile * D * sizeof(T));
+      for (int hh = 0; hh < 2; ++hh)
+        for (int c = 0; c < D / 64; ++c)
+          tma_load_3d(smem_addr(smem_q + hh * Cfg::kTileElems + c * kTile * 64), &tma_q, 64 * c, 2 * pair + hh, row0,
+                      bar_q);
+    }
+    int jk = j;
+    for (int t = 0;; ++t) {
+      const int stage = t % S;
+      if (t >= S) mbar_wait(bar_empty + stage, (t / S - 1) & 1);
+      if (jk < first_slot) {  // the walk is over: an invalid stage tells the consumers
+        if (lane == 0) smem_hdr[stage] = make_int4(0, 0, 0, 0);
+        mbar_arrive(bar_full + stage);
+        break;
+      }
+      const int key0 = row0 - kTile * (j - jk);
+      const int key_end = jk == j ? row_end : key0 + kTile;
+      const int ek0 = end_k[min(key0 + lane, key_end - 1)];
+      const int ek1 = end_k[min(key0 + 32 + lane, key_end - 1)];
+      const bool full = jk < j && tiles[static_cast<i64>(jk) * kMeta + 6] >= q_max_s;
+      smem_ek[stage * kTile + lane] = ek0;  // each lane publishes its own writes by its arrival
+      smem_ek[stage * kTile + 32 + lane] = ek1;
+      if (lane != 0) mbar_arrive(bar_full + stage);
+      if (lane == 0) {
+        smem_hdr[stage] = make_int4(key0, full, 1, 0);
+        mbar_arrive_expect_tx(bar_full + stage, kTileTx);
+        T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
+        for (int c = 0; c < D / 64; ++c) {
+          tma_load_3d(smem_addr(sk + c * kTile * 64), &tma_k, 64 * c, hk, key0, bar_full + stage);
+          tma_load_3d(smem_addr(sk + Cfg::kTileElems + c * kTile * 64), &tma_v, 64 * c, hk, key0, bar_full + stage);
+        }
+      }
+      jk = prev_visible(tiles, jk, first_slot, q_min_s);
+    }
+    return;
+  }
+
+  // Consumers: warpgroup cw runs head 2 pair + cw, rows row0 + 16 w4 + g (+ 8).
+  const int cw = wg - 1, w4 = warp % 4, g = lane / 4, c4 = lane % 4;
+  const int h = 2 * pair + cw;
+  int row_c[2], sq_row[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_c[r] = min(row0 + 16 * w4 + g + 8 * r, row_end - 1);
+    sq_row[r] = start_q[row_c[r]];
+  }
+  mbar_wait(bar_q, 0);
+  u32 qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, Tile>(qf[kk], smem_q + cw * Cfg::kTileElems, 16 * w4, kk, lane);
+
+  RowState<D> st;
+  st.clear();
+  int count = 0;
+  for (int t = 0;; ++t) {
+    const int stage = t % S;
+    mbar_wait(bar_full + stage, (t / S) & 1);
+    const int4 hdr = smem_hdr[stage];
+    if (!hdr.z) break;
+    ++count;
+    const int* ek = smem_ek + stage * kTile;
+    auto tile_vis = [&](unsigned long long (&vis)[2]) {  // bit 8 jj + 2 c4 + e2: the lane's keys only
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        unsigned long long bits = 0;
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+          for (int e2 = 0; e2 < 2; ++e2) {
+            const int key = 8 * jj + 2 * c4 + e2;
+            const bool ok = hdr.x + key <= row_c[r] && sq_row[r] <= ek[key];
+            bits |= static_cast<unsigned long long>(ok) << key;
+          }
+        }
+        vis[r] = bits;
+      }
+    };
+    const T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
+    wg_attention_step<T, D>(st, qf, smem_addr(sk), smem_addr(sk + Cfg::kTileElems), hdr.y != 0, tile_vis,
+                            scale_log2, lane);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar_empty + stage);
+  }
+  if (visited != nullptr && w4 == 0 && lane == 0) visited[static_cast<i64>(j) * num_heads + h] = count;
+
+  // Normalise; store o and the natural-log lse of the owned rows.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float total = st.l_acc[2 * r];
+    const int row = row0 + 16 * w4 + g + 8 * r;
+    if (row >= row_end) continue;
+    store_row<D>(o + static_cast<i64>(row) * o_sn + h * o_sh, st.o_acc, r, total > 0.f ? 1.f / total : 0.f, c4);
+    if (c4 == 0) lse[static_cast<i64>(row) * num_heads + h] = lse_from_base2(st.row_max[r], total);
   }
 }
 

@@ -250,11 +250,15 @@ def test_dfs_specs_compile_without_spills(arch, tmp_path, monkeypatch):
     monkeypatch.setenv("FLASHTREE_CACHE_DIR", str(tmp_path))
     limit = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}[arch]
     for spec in _jit.shipped_specs(["dfs"]):
-        kernel, _ = _jit.load_or_compile(spec, arch)
+        target = spec.target(arch)
+        if target is None:  # an sm_90a kernel: built on the sm_90 pass only
+            continue
+        kernel, _ = _jit.load_or_compile(spec, target)
         assert kernel.resources.spills == 0, (spec.name, kernel.resources)
     for d in dfs.HEAD_DIMS:
-        # two CTAs per SM fit (launch bounds assume it) on the larger parts
+        # two CTAs per SM fit (launch bounds assume it) on the larger parts; the Hopper forward: one
         assert max(dfs.fwd_smem(d), dfs.dkdv_smem(d), dfs.dq_smem(d)) <= limit
+        assert dfs.fwd_ws_smem(d) <= 227 * 1024
 
 
 # ----------------------------------------------------------------------------------- GPU
@@ -329,6 +333,22 @@ def _check_gpu_case(sq, ek, cu, h, hkv, d, dtype, gen, noncontig=False, sharp=Fa
 def test_gpu_random_trees_match_reference(gen, dtype, d, h, hkv):
     sq, ek, cu, _ = random_pack(gen, num_trees=3, max_nodes=30, max_len=23)
     _check_gpu_case(sq, ek, cu, h, hkv, d, dtype, gen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wgmma", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_forward_kernels_even_groups(gen, monkeypatch, wgmma, dtype, d):
+    """G = H / Hkv even: on compute capability 9.0 the forward runs the sm_90a kernel (two heads per
+    CTA, TMA copies, wgmma); FLASHTREE_WGMMA=0 (here: _WGMMA False) the portable one."""
+    monkeypatch.setattr(dfs, "_WGMMA", wgmma)
+    if wgmma and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm_90a forward needs compute capability 9.0")
+    sq, ek, cu, _ = random_pack(gen, num_trees=3, max_nodes=30, max_len=40)
+    _check_gpu_case(sq, ek, cu, 8, 2, d, dtype, gen)
+    sq, ek, cu = tree.dfs_arrays_from_groups([(300, [150, 77, 1]), (64, [64, 64])])  # tiles across nodes and sequences
+    _check_gpu_case(sq, ek, cu, 4, 2, d, dtype, gen, noncontig=True)
 
 
 @pytest.mark.gpu

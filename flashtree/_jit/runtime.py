@@ -114,6 +114,16 @@ class LoadedKernel:
             self._function = self._module.get_function(kernel.lowered_name)
         self._max_dynamic_smem = 48 * 1024
 
+    def param_offset(self, index: int) -> int:
+        """Byte offset of parameter ``index`` in the kernel's parameter buffer (cuFuncGetParamInfo):
+        a parameter aligned beyond 8 bytes (a 64-byte-aligned tensor map) may start past 0."""
+        offset, size = ctypes.c_size_t(), ctypes.c_size_t()
+        err = ctypes.CDLL("libcuda.so.1").cuFuncGetParamInfo(
+            ctypes.c_void_p(self._function.ptr), ctypes.c_size_t(index), ctypes.byref(offset), ctypes.byref(size))
+        if err != 0:
+            raise RuntimeError(f"cuFuncGetParamInfo failed (CUresult {err}) for {self.kernel.lowered_name}")
+        return offset.value
+
     def _allow_dynamic_smem(self, nbytes: int) -> None:
         # Above 48 KB a kernel must opt in; done once per size increase, before any launch.
         import cupy

@@ -92,6 +92,31 @@ __device__ __forceinline__ void mbar_wait(u64* bar, int parity) {
                  : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
   } while (!done);
 }
+// An mbarrier arrival that also expects `bytes` more bytes of asynchronous (TMA) copies: the phase
+// completes when its arrivals are in and those bytes have landed.
+__device__ __forceinline__ void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+// TMA (the tensor memory accelerator): a tensor map (CUtensorMap, encoded on the host by
+// cuTensorMapEncodeTiled, flashtree/_jit/tma.py; a __grid_constant__ kernel parameter) describes a
+// global tensor and a box; tma_load_3d copies the box at coordinates (c0 innermost, c1, c2) to shared
+// memory at dst and completes its bytes on the mbarrier. With the 128-byte swizzle the TMA unit
+// swizzles by shared-memory address, as wgmma reads (so a box of 64 16-bit columns lands as a WgTile
+// column block). Coordinates outside the tensor read zeros (and still count their bytes).
+struct alignas(64) TmaDesc {
+  unsigned long long opaque[16];
+};
+__device__ __forceinline__ void tma_load_3d(u32 dst, const TmaDesc* desc, int c0, int c1, int c2, u64* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];"
+      ::"r"(dst), "l"(reinterpret_cast<unsigned long long>(desc)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+      : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_desc(const TmaDesc* desc) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<unsigned long long>(desc)) : "memory");
+}
+
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }

@@ -1,0 +1,83 @@
+// flashtree: one online-softmax attention step of a 64-row tile on Hopper's warpgroup tensor cores,
+// shared by the DeFT and DFS kernels (deft.cu, dfs.cu).
+#pragma once
+
+#include "common/types.cuh"
+#include "common/state.cuh"
+#include "common/mma.cuh"
+#include "common/warp_gemm.cuh"
+#include "common/wgmma.cuh"
+
+namespace ft {
+
+// A warp's online-softmax state: O, the reference maxima and row sums of its rows g and g + 8.
+template <int D>
+struct RowState {
+  float o_acc[D / 8][4];
+  float row_max[2];
+  float l_acc[4];  // row sums (mma_row_sum): row g in [0], g + 8 in [2]
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o_acc[i][0] = o_acc[i][1] = o_acc[i][2] = o_acc[i][3] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) l_acc[e] = 0.f;
+    row_max[0] = row_max[1] = neg_inf();
+  }
+};
+
+// Scores of keys kb .. kb + KW - 1 that a row's query does not see become -inf: vis[r] holds the
+// tile's visibility bits of row g + 8 r's query (bit k: key k of the tile).
+template <int KW>
+__device__ __forceinline__ void mask_invisible(float (&s)[KW / 8][4], const unsigned long long (&vis)[2], int kb,
+                                               int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const unsigned long long bits = vis[r] >> (kb + 2 * (lane % 4));  // bit 8 j + e2: key kb + 8 j + 2 c4 + e2
+#pragma unroll
+    for (int j = 0; j < KW / 8; ++j) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2)
+        if (!((bits >> (8 * j + e2)) & 1ull)) s[j][2 * r + e2] = neg_inf();
+    }
+  }
+}
+
+// One 64-key softmax step of a 64-row tile on the warpgroup's tensor cores (wgmma, sm_90a): the 4
+// warps issue S (64 x 64) = Q K^T together (Q from registers: q holds this warp's 16 rows as A
+// fragments; K from shared memory), each warp then runs the softmax of its 16 rows on its
+// fragment of S (the mma.sync layout), and O (64 x D) += P V takes P from registers and V from
+// shared memory. k and v are the tiles' shared-memory byte addresses (WgTile<D, 64> layout,
+// 1024-byte aligned); tile_vis(vis) reads the lane's visibility bits (called only if !full). Both
+// products complete before it returns: the next barrier may hand this tile's K/V stage to a copy.
+template <typename T, int D, typename VisFn>
+__device__ __forceinline__ void wg_attention_step(RowState<D>& st, const u32 (&q)[D / 16][4], u32 k, u32 v,
+                                                  bool full, VisFn tile_vis, float scale_log2, int lane) {
+  using Tile = WgTile<D, 64>;
+  float s[8][4];
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 64>(s, q[kk], Tile::kmajor_desc(k, kk), kk);
+  wgmma_commit();
+  wgmma_wait<0>();
+
+  if (!full) {  // the bits are read only now: no registers held across the product
+    unsigned long long vis[2];
+    tile_vis(vis);
+    mask_invisible<64>(s, vis, 0, lane);
+  }
+  online_softmax_step(s, scale_log2, st.row_max, st.l_acc, st.o_acc);
+
+  u32 p[4][4];
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    acc_to_a<T>(p[kk], s, kk);
+    mma_row_sum<T>(st.l_acc, p[kk]);
+  }
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(st.o_acc, p[kk], Tile::mnmajor_desc(v, kk));
+  wgmma_commit();
+  wgmma_wait<0>();
+}
+
+}  // namespace ft
