@@ -284,15 +284,18 @@ WS_MIN_SHARE = 0.8  # the warp-specialised kernel: most of the work (tiles x row
 WS_MIN_WAVES = 2    # and enough 128-row items to fill every SM twice (it runs one CTA per SM)
 
 
-def _choose_block_m(tokens: np.ndarray, group: int, num_kv_heads: int, num_sms: int) -> int:
+def _choose_block_m(tokens: np.ndarray, group: int, num_kv_heads: int, num_sms: int,
+                    length: int | None = None) -> int:
     """Rows per work item on Hopper: 128 (the warp-specialised kernel: two warpgroups share each
     K/V tile) when the tree is dominated by wide, fully shared chunks (a long prefix under many
     branches), else 64 (three 64-row CTAs per SM, which serve narrow and masked chunks better).
-    Measured on the H200 suite rows (benchmarks/NOTES.md, session 6)."""
+    Measured on the H200 suite rows (benchmarks/NOTES.md, session 6). ``length``: the kernel's chunk
+    length (``ws_chunk_len``) when the caller already has it."""
     n = len(tokens)
     if n == 0:
         return BLOCK_M
-    length = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)
+    if length is None:
+        length = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)
     starts = np.arange(0, n, length)
     lo_min, lo_max = np.minimum.reduceat(tokens[:, 1], starts), np.maximum.reduceat(tokens[:, 1], starts)
     hi_min, hi_max = np.minimum.reduceat(tokens[:, 2], starts), np.maximum.reduceat(tokens[:, 2], starts)
@@ -432,10 +435,14 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
     # Step 3: chunks and work items.
     if num_sms is None:
         num_sms = _num_sms(device)
+    hopper = use_wgmma(device)
+    # The Hopper kernel's chunk length serves both its choice and, if chosen, the plan (one model run).
+    ws_len = (ws_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms)
+              if block_m == WS_BLOCK_M or (block_m is None and hopper) else None)
     if block_m is None:
-        block_m = _choose_block_m(tokens, group, hkv, num_sms) if use_wgmma(device) else BLOCK_M
+        block_m = _choose_block_m(tokens, group, hkv, num_sms, ws_len) if hopper else BLOCK_M
     if chunk_len is None:
-        chunk_len = (ws_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms) if block_m == WS_BLOCK_M
+        chunk_len = (ws_len if block_m == WS_BLOCK_M
                      else choose_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms))
     elif not isinstance(chunk_len, int) or chunk_len < BLOCK_N or chunk_len % BLOCK_N:
         raise ValueError(f"chunk_len: expected a positive multiple of {BLOCK_N}, got {chunk_len!r}")

@@ -114,8 +114,10 @@ _WGMMA = os.environ.get("FLASHTREE_WGMMA", "1") != "0"
 
 def use_ws_forward(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether the forward of these CUDA tensors runs the Hopper kernel (dfs_fwd_ws_kernel)."""
-    return (_WGMMA and torch.cuda.get_device_capability(q.device) == (9, 0)
-            and (q.shape[1] // k.shape[1]) % 2 == 0)
+    if not _WGMMA or (q.shape[1] // k.shape[1]) % 2:
+        return False
+    props = _jit.device_properties(q.device.index)  # cached: this runs on every forward
+    return (props.major, props.minor) == (9, 0)
 
 
 def dkdv_smem(head_dim: int) -> int:
