@@ -277,6 +277,38 @@ def dfs_fwd():
               flush=True)
 
 
+def dfs_bwd():
+    """tree_attention backward alone (graph replay of the backward op on saved forward outputs) on
+    the dfs suite's trees, portable kernels vs the Hopper ones, with a max-difference check of the
+    two paths' gradients; bf16, H = 32, Hkv = 8, D = 128."""
+    from flashtree import dfs
+    from flashtree.bench.suites import dfs as suite
+    from flashtree.bench.timing import bench
+    for params in suite.TREES:
+        sq, ek, cu = (x.cuda() for x in suite.packed_arrays(suite.workload_trees(params)))
+        n = sq.shape[0]
+        q = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(n, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        do = torch.randn_like(q)
+        scale = 128 ** -0.5
+        o, lse, tiles = dfs._dfs_forward_impl(q, k, v, cu, sq, ek, scale)
+        line, grads = f"{suite._label(dict(params, mode='bwd')):40s}", []
+        for ws in (False, True):
+            dfs._WGMMA = ws
+            fn = lambda: dfs._dfs_backward_impl(do, q, k, v, o, lse, None, sq, ek, tiles, scale)  # noqa: E731
+            grads.append(fn())
+            line += f"  {'hopper' if ws else 'portable'} {bench(fn, warmup=3, iters=20, graph=True).median_us:8.1f} us"
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            line += " (" + ", ".join(f"{e.key.split('dfs_bwd_')[-1].split('_kernel')[0]} {e.device_time_total:.0f}"
+                                     for e in prof.key_averages() if "dfs_bwd" in e.key) + ")"
+        diff = [(a.float() - b.float()).abs().max().item() / (b.float().abs().max().item() + 1e-6)
+                for a, b in zip(*grads)]
+        print(line + "  rel max diff dq/dk/dv " + " ".join(f"{x:.1e}" for x in diff), flush=True)
+    dfs._WGMMA = True
+
+
 def merge(n, s):
     o = torch.randn(n, s, 32, 128, device="cuda", dtype=torch.bfloat16)
     lse = torch.randn(n, s, 32, device="cuda")
@@ -288,4 +320,4 @@ def merge(n, s):
 if __name__ == "__main__":
     {"decode": decode, "merge": merge, "variants": variants, "mergevariants": mergevariants, "overhead": overhead,
      "hostprofile": hostprofile, "deft_host": deft_host, "deft_kernels": deft_kernels,
-     "deft_row": deft_row, "deft_chunks": deft_chunks, "deft_blockm": deft_blockm, "dfs_fwd": dfs_fwd}[sys.argv[1]](*map(int, sys.argv[2:]))
+     "deft_row": deft_row, "deft_chunks": deft_chunks, "deft_blockm": deft_blockm, "dfs_fwd": dfs_fwd, "dfs_bwd": dfs_bwd}[sys.argv[1]](*map(int, sys.argv[2:]))

@@ -10,7 +10,7 @@ dev = "cuda"
 # Odd sizes: a group whose nodes straddle tile edges, a one-token sequence, a plain causal one.
 sq, ek, cu = (x.to(dev) for x in tree.dfs_arrays_from_groups([(70, [33, 1, 65]), (1, []), (45, [])]))
 n = sq.shape[0]
-for dtype, d, h, hkv in [(torch.bfloat16, 128, 4, 2), (torch.float16, 64, 3, 1)]:
+for dtype, d, h, hkv in [(torch.bfloat16, 128, 4, 2), (torch.float16, 64, 4, 1), (torch.float16, 64, 3, 1)]:
     q = torch.randn(n, h, d, device=dev, dtype=dtype, requires_grad=True)
     k = torch.randn(n, hkv, d, device=dev, dtype=dtype, requires_grad=True)
     v = torch.randn(n, hkv, d, device=dev, dtype=dtype, requires_grad=True)

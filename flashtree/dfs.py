@@ -81,6 +81,15 @@ dkdv_spec = functools.partial(_spec, "bwd_dkdv")
 dq_spec = functools.partial(_spec, "bwd_dq")
 
 
+@functools.lru_cache(maxsize=None)
+def bwd_ws_spec(stage: str, dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
+    """The Hopper backward kernels (sm_90a; stage ``dkdv`` or ``dq``), chosen with the Hopper forward."""
+    return _jit.KernelSpec(family="dfs", kernel=f"ft::dfs_bwd_{stage}_ws_kernel",
+                           template_args=(_jit.ctype(dtype), head_dim),
+                           name=f"dfs_bwd_{stage}_ws_{_jit.short(dtype)}_d{head_dim}", arch_suffix="a",
+                           archs=("sm_90",))
+
+
 def _shipped():
     yield tiles_spec()
     for dtype in DTYPES:
@@ -90,6 +99,8 @@ def _shipped():
             yield delta_spec(dtype, d)
             yield dkdv_spec(dtype, d)
             yield dq_spec(dtype, d)
+            yield bwd_ws_spec("dkdv", dtype, d)
+            yield bwd_ws_spec("dq", dtype, d)
 
 
 _jit.register_shipped("dfs", _shipped)
@@ -100,10 +111,27 @@ def fwd_smem(head_dim: int) -> int:
     return 2 * (TILE * head_dim + 2 * 2 * TILE * head_dim)
 
 
+def _ws_smem(head_dim: int, resident: int, stages: int, per_stage: int) -> int:
+    """A warp-specialised kernel's shared memory: `resident` [64][D] 16-bit tiles and a ring of
+    `stages` stages of two tiles (a DfsWsConfig / DfsDkdvWsConfig's kBytes), `per_stage` more bytes
+    per stage (row values and a 16-byte header), the full/empty mbarriers and one more; 1 KB more to
+    start the tiles on a 1024-byte boundary."""
+    return 2 * (resident + 2 * stages) * TILE * head_dim + stages * per_stage + (2 * stages + 1) * 8 + 1024
+
+
 def fwd_ws_smem(head_dim: int) -> int:
-    """DfsWsConfig::kBytes: Q of 2 heads and 5 stages of K + V [64][D] 16-bit, per stage 64 end_k
-    and a 16-byte header, 11 mbarriers; 1 KB more to start the tiles on a 1024-byte boundary."""
-    return 2 * (2 + 2 * _WS_STAGES) * TILE * head_dim + _WS_STAGES * (4 * TILE + 16) + (2 * _WS_STAGES + 1) * 8 + 1024
+    """dfs_fwd_ws_kernel: Q of 2 heads, 5 stages of K + V with their 64 end_k."""
+    return _ws_smem(head_dim, 2, _WS_STAGES, 4 * TILE + 16)
+
+
+def dq_ws_smem(head_dim: int) -> int:
+    """dfs_bwd_dq_ws_kernel: Q and dO of 2 heads, 4 stages of K + V with their 64 end_k."""
+    return _ws_smem(head_dim, 4, 4, 4 * TILE + 16)
+
+
+def dkdv_ws_smem(head_dim: int) -> int:
+    """dfs_bwd_dkdv_ws_kernel: K and V, 5 stages of Q + dO with their rows' lse, delta and start_q."""
+    return _ws_smem(head_dim, 2, 5, 3 * 4 * TILE + 16)
 
 
 _WS_STAGES = 5  # DfsWsConfig::kStages
@@ -164,18 +192,22 @@ def _launch_tiles(cu_seqlens, start_q, end_k, tiles) -> None:
 
 
 _WS_TAIL = _jit.param_layout("QQQi Qqq QQ iif")  # dfs_fwd_ws_kernel's parameters after its 3 tensor maps
+_DKDV_WS_TAIL = _jit.param_layout("QQQQQi Qqq Qqq iiff")  # dfs_bwd_dkdv_ws_kernel's after its 4
+_DQ_WS_TAIL = _jit.param_layout("QQQQQi Qqq iiff")  # dfs_bwd_dq_ws_kernel's after its 4
 _ws_layouts: dict[int, struct.Struct] = {}
 
 
-def _ws_layout(kernel) -> struct.Struct:
-    """The Hopper forward's parameter buffer: 3 tensor maps (128 bytes, 64-byte aligned: the compiler
-    may start them past offset 0, so the offset is read from the loaded kernel), then the rest."""
+def _ws_layout(kernel, maps: int, tail: struct.Struct) -> struct.Struct:
+    """A Hopper kernel's parameter buffer: `maps` tensor maps (128 bytes, 64-byte aligned: the
+    compiler may start them past offset 0, so the offset is read from the loaded kernel), then the
+    rest (`tail`)."""
     layout = _ws_layouts.get(id(kernel))
     if layout is None:
         first = kernel.param_offset(0)
-        if first % 8 or kernel.param_offset(3) != first + 384:
-            raise RuntimeError(f"dfs_fwd_ws_kernel: unexpected parameter offsets {first}, {kernel.param_offset(3)}")
-        layout = _ws_layouts[id(kernel)] = struct.Struct("<" + "x" * first + "128s" * 3 + _WS_TAIL.format[1:])
+        if first % 8 or kernel.param_offset(maps) != first + 128 * maps:
+            raise RuntimeError(f"{kernel.kernel.lowered_name}: unexpected parameter offsets {first}, "
+                               f"{kernel.param_offset(maps)}")
+        layout = _ws_layouts[id(kernel)] = struct.Struct("<" + "x" * first + "128s" * maps + tail.format[1:])
     return layout
 
 
@@ -185,7 +217,7 @@ def _launch_fwd(q, k, v, start_q, end_k, tiles, o, lse, scale, visited) -> None:
         kernel = _jit.get_kernel(fwd_ws_spec(q.dtype, d), q.device)
         box = (64, 1, TILE)  # 64 columns of one head, 64 rows: a WgTile column block
         kernel.launch(
-            (h // 2 * tiles.shape[0], 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel),
+            (h // 2 * tiles.shape[0], 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel, 3, _WS_TAIL),
             (tma.swizzled_map(q, box), tma.swizzled_map(k, box), tma.swizzled_map(v, box),
              start_q.data_ptr(), end_k.data_ptr(), tiles.data_ptr(), tiles.shape[0],
              o.data_ptr(), *o.stride()[:2], lse.data_ptr(), visited.data_ptr() if visited is not None else 0,
@@ -210,6 +242,9 @@ def _launch_bwd(do, q, k, v, o, lse, dlse, start_q, end_k, tiles, dq, dk, dv, de
         ((n * h + rows - 1) // rows, 1, 1), (_THREADS, 1, 1),
         (_ptr(o), *_i64(o), _ptr(do), *_i64(do), _ptr(dlse), np.int64(dlse.stride(0) if dlse is not None else 0),
          np.int64(dlse.stride(1) if dlse is not None else 0), _ptr(delta), np.int32(n), np.int32(h)))
+    if use_ws_forward(q, k):
+        _launch_bwd_ws(do, q, k, v, lse, start_q, end_k, tiles, dq, dk, dv, delta, scale)
+        return
     scale_log2 = np.float32(scale * math.log2(math.e))
     common = (_ptr(q), *_i64(q), _ptr(k), *_i64(k), _ptr(v), *_i64(v), _ptr(do), *_i64(do),
               _ptr(lse), _ptr(delta), _ptr(start_q), _ptr(end_k), _ptr(tiles), np.int32(tiles.shape[0]))
@@ -222,6 +257,23 @@ def _launch_bwd(do, q, k, v, o, lse, dlse, start_q, end_k, tiles, dq, dk, dv, de
         (h * tiles.shape[0], 1, 1), (_THREADS, 1, 1),
         common + (_ptr(dq), *_i64(dq), np.int32(h), np.int32(h // hkv), scale_log2, np.float32(scale)),
         smem=dq_smem(d))
+
+
+def _launch_bwd_ws(do, q, k, v, lse, start_q, end_k, tiles, dq, dk, dv, delta, scale) -> None:
+    """The Hopper backward: dfs_bwd_dkdv_ws_kernel then dfs_bwd_dq_ws_kernel (after the delta pre-pass)."""
+    n, h, d = q.shape
+    hkv, slots = k.shape[1], tiles.shape[0]
+    box = (64, 1, TILE)
+    maps = tuple(tma.swizzled_map(x, box) for x in (q, k, v, do))
+    rows = (lse.data_ptr(), delta.data_ptr(), start_q.data_ptr(), end_k.data_ptr(), tiles.data_ptr(), slots)
+    tail = (h, h // hkv, scale * math.log2(math.e), scale)
+    kernel = _jit.get_kernel(bwd_ws_spec("dkdv", q.dtype, d), q.device)
+    kernel.launch((hkv * slots, 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel, 4, _DKDV_WS_TAIL),
+                  maps + rows + (dk.data_ptr(), *dk.stride()[:2], dv.data_ptr(), *dv.stride()[:2]) + tail,
+                  smem=dkdv_ws_smem(d))
+    kernel = _jit.get_kernel(bwd_ws_spec("dq", q.dtype, d), q.device)
+    kernel.launch((h // 2 * slots, 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel, 4, _DQ_WS_TAIL),
+                  maps + rows + (dq.data_ptr(), *dq.stride()[:2]) + tail, smem=dq_ws_smem(d))
 
 
 # ---------------------------------------------------------------------------------- the ops

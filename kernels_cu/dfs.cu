@@ -298,21 +298,100 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
 //
 // dfs_fwd_ws_kernel: the forward for compute capability 9.0 when G = H / Hkv is even. One CTA per
 // (Q tile, pair of query heads of one KV group), 3 warpgroups: warpgroup 0's first warp (the
-// producer) walks the visible K tiles (as dfs_fwd_kernel) and copies each K/V tile by TMA into a
-// ring of kStages stages (4 [64][64] boxes per tile at D = 128), with the tile's 64 end_k values and
-// its (key0, full, valid) header; warpgroups 1 and 2 (the consumers) run heads 2 p and 2 p + 1 of the
-// pair over the same tiles on wgmma (wg_attention_step: S in registers, Q as register A fragments), so
-// each K/V tile crosses L2 -> SM once for two heads. A stage with valid = 0 ends the walk. Rows and
-// keys past the tile (another sequence, or past N: zeros) are computed and masked, never stored.
-// grid = (H / 2) * slots: pair = x % (H / 2), slot = slots - 1 - x / (H / 2).
-template <int D>
+// producer, dfs_kv_producer) walks the visible K tiles (as dfs_fwd_kernel) and copies each K/V tile
+// by TMA into a ring of kStages stages (4 [64][64] boxes per tile at D = 128), with the tile's 64
+// end_k values and its (key0, full, valid) header; warpgroups 1 and 2 (the consumers) run heads 2 p
+// and 2 p + 1 of the pair over the same tiles on wgmma (wg_attention_step: S in registers, Q as
+// register A fragments), so each K/V tile crosses L2 -> SM once for two heads. A stage with valid = 0
+// ends the walk. Rows and keys past the tile (another sequence, or past N: zeros) are computed and
+// masked, never stored. grid = (H / 2) * slots: pair = x % (H / 2), slot = slots - 1 - x / (H / 2).
+// dfs_bwd_dq_ws_kernel (backward, below) has the same shape with Q and dO of both heads resident.
+template <int D, int PER_HEAD, int STAGES>
 struct DfsWsConfig {
-  static constexpr int kStages = 5;
+  static constexpr int kStages = STAGES;
   static constexpr int kTileElems = kTile * D;
-  static constexpr int kTileBytes = (2 + 2 * kStages) * kTileElems * 2;  // Q of 2 heads, the K/V ring
-  // Then per stage 64 end_k (int) and a header int4; the full/empty mbarriers and Q's (host: same sum).
+  // PER_HEAD resident tiles of each of the 2 heads (Q; Q and dO), then the K/V ring.
+  static constexpr int kTileBytes = (2 * PER_HEAD + 2 * kStages) * kTileElems * 2;
+  // Then per stage 64 end_k (int) and a header int4; the full/empty mbarriers and the resident
+  // tiles' (host: the same sum, plus 1 KB for the alignment).
   static constexpr int kBytes = kTileBytes + kStages * (kTile * 4 + 16) + (2 * kStages + 1) * 8;
 };
+
+// The producer warp of the Q-tile kernels: walk K tiles j, prev_visible(j), ... of Q tile j (rows
+// row0..row_end, start_q range [q_min_s, q_max_s]) and fill ring stage t % S with tile t: K and V by
+// TMA (KV head hk; lane 0 adds their bytes to the phase) and the tile's end_k by the lanes, each lane
+// arriving on `full` (count 32). The stage after the last tile gets valid = 0.
+template <typename T, int D, int S>
+__device__ __forceinline__ void dfs_kv_producer(const TmaDesc* tma_k, const TmaDesc* tma_v, T* smem_kv,
+                                                int* smem_ek, int4* smem_hdr, u64* bar_full, u64* bar_empty,
+                                                const int* __restrict__ end_k, const int* __restrict__ tiles, int j,
+                                                int row0, int row_end, int first_slot, int q_min_s, int q_max_s,
+                                                int hk, int lane) {
+  constexpr u32 kTileTx = 2 * kTile * D * sizeof(T);  // K and V
+  int jk = j;
+  for (int t = 0;; ++t) {
+    const int stage = t % S;
+    // The tile's end_k loads before the stage wait; the copies start before it is stored.
+    const int key0 = row0 - kTile * (j - jk);
+    const int key_end = jk == j ? row_end : key0 + kTile;
+    const bool valid = jk >= first_slot;
+    const int ek0 = valid ? end_k[min(key0 + lane, key_end - 1)] : 0;
+    const int ek1 = valid ? end_k[min(key0 + 32 + lane, key_end - 1)] : 0;
+    const bool full = valid && jk < j && tiles[static_cast<i64>(jk) * kMeta + 6] >= q_max_s;
+    if (t >= S) mbar_wait(bar_empty + stage, (t / S - 1) & 1);
+    if (!valid) {  // the walk is over: an invalid stage tells the consumers
+      if (lane == 0) smem_hdr[stage] = make_int4(0, 0, 0, 0);
+      mbar_arrive(bar_full + stage);
+      return;
+    }
+    if (lane == 0) {
+      smem_hdr[stage] = make_int4(key0, full, 1, 0);
+      mbar_expect_tx(bar_full + stage, kTileTx);
+      T* sk = smem_kv + 2 * stage * kTile * D;
+      for (int c = 0; c < D / 64; ++c) {
+        tma_load_3d(smem_addr(sk + c * kTile * 64), tma_k, 64 * c, hk, key0, bar_full + stage);
+        tma_load_3d(smem_addr(sk + kTile * D + c * kTile * 64), tma_v, 64 * c, hk, key0, bar_full + stage);
+      }
+    }
+    smem_ek[stage * kTile + lane] = ek0;
+    smem_ek[stage * kTile + 32 + lane] = ek1;
+    mbar_arrive(bar_full + stage);  // each lane publishes its own stores
+    jk = prev_visible(tiles, jk, first_slot, q_min_s);
+  }
+}
+
+// Visibility bits of a consumer lane's two rows (row_c[r], start_q sq_row[r]) against the K tile at
+// key0 with end_k ek[64]: bit 8 jj + 2 c4 + e2 (the lane's keys only), as mask_invisible reads them.
+__device__ __forceinline__ void dfs_tile_vis(unsigned long long (&vis)[2], const int* ek, int key0,
+                                             const int (&row_c)[2], const int (&sq_row)[2], int c4) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    unsigned long long bits = 0;
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const int key = 8 * jj + 2 * c4 + e2;
+        const bool ok = key0 + key <= row_c[r] && sq_row[r] <= ek[key];
+        bits |= static_cast<unsigned long long>(ok) << key;
+      }
+    }
+    vis[r] = bits;
+  }
+}
+
+// Copy `per_head` resident [64][D] tiles (one tensor map each) of heads 2 pair and 2 pair + 1, rows
+// row0 .., to smem (tile m of head hh at (m * 2 + hh) * 64 D), completing on `bar`.
+template <typename T, int D>
+__device__ __forceinline__ void dfs_load_resident(T* smem, const TmaDesc* const (&maps)[2], int per_head, int pair,
+                                                  int row0, u64* bar) {
+  mbar_arrive_expect_tx(bar, per_head * 2 * kTile * D * sizeof(T));
+  for (int m = 0; m < per_head; ++m)
+    for (int hh = 0; hh < 2; ++hh)
+      for (int c = 0; c < D / 64; ++c)
+        tma_load_3d(smem_addr(smem + (m * 2 + hh) * kTile * D + c * kTile * 64), maps[m], 64 * c, 2 * pair + hh,
+                    row0, bar);
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(384, 1)
@@ -321,7 +400,7 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
                   const int* __restrict__ end_k, const int* __restrict__ tiles, int num_slots,
                   T* __restrict__ o, i64 o_sn, i64 o_sh, float* __restrict__ lse, int* __restrict__ visited,
                   int num_heads, int group, float scale_log2) {
-  using Cfg = DfsWsConfig<D>;
+  using Cfg = DfsWsConfig<D, 1, 5>;
   using Tile = WgTile<D, kTile>;
   static_assert(kHaveWgmma, "the warp-specialised forward needs the sm_90a target");
   constexpr int S = Cfg::kStages;
@@ -354,46 +433,15 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
 
   if (wg == 0) {
     if (warp != 0) return;
-    // Producer (one warp; lane 0 issues the copies).
-    constexpr u32 kTileTx = 2 * kTile * D * sizeof(T);  // K and V
     if (lane == 0) {
       tma_prefetch_desc(&tma_q);
       tma_prefetch_desc(&tma_k);
       tma_prefetch_desc(&tma_v);
-      mbar_arrive_expect_tx(bar_q, 2 * kTile * D * sizeof(T));
-      for (int hh = 0; hh < 2; ++hh)
-        for (int c = 0; c < D / 64; ++c)
-          tma_load_3d(smem_addr(smem_q + hh * Cfg::kTileElems + c * kTile * 64), &tma_q, 64 * c, 2 * pair + hh, row0,
-                      bar_q);
+      const TmaDesc* const maps[2] = {&tma_q, &tma_q};
+      dfs_load_resident<T, D>(smem_q, maps, 1, pair, row0, bar_q);
     }
-    int jk = j;
-    for (int t = 0;; ++t) {
-      const int stage = t % S;
-      if (t >= S) mbar_wait(bar_empty + stage, (t / S - 1) & 1);
-      if (jk < first_slot) {  // the walk is over: an invalid stage tells the consumers
-        if (lane == 0) smem_hdr[stage] = make_int4(0, 0, 0, 0);
-        mbar_arrive(bar_full + stage);
-        break;
-      }
-      const int key0 = row0 - kTile * (j - jk);
-      const int key_end = jk == j ? row_end : key0 + kTile;
-      const int ek0 = end_k[min(key0 + lane, key_end - 1)];
-      const int ek1 = end_k[min(key0 + 32 + lane, key_end - 1)];
-      const bool full = jk < j && tiles[static_cast<i64>(jk) * kMeta + 6] >= q_max_s;
-      smem_ek[stage * kTile + lane] = ek0;  // each lane publishes its own writes by its arrival
-      smem_ek[stage * kTile + 32 + lane] = ek1;
-      if (lane != 0) mbar_arrive(bar_full + stage);
-      if (lane == 0) {
-        smem_hdr[stage] = make_int4(key0, full, 1, 0);
-        mbar_arrive_expect_tx(bar_full + stage, kTileTx);
-        T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
-        for (int c = 0; c < D / 64; ++c) {
-          tma_load_3d(smem_addr(sk + c * kTile * 64), &tma_k, 64 * c, hk, key0, bar_full + stage);
-          tma_load_3d(smem_addr(sk + Cfg::kTileElems + c * kTile * 64), &tma_v, 64 * c, hk, key0, bar_full + stage);
-        }
-      }
-      jk = prev_visible(tiles, jk, first_slot, q_min_s);
-    }
+    dfs_kv_producer<T, D, S>(&tma_k, &tma_v, smem_kv, smem_ek, smem_hdr, bar_full, bar_empty, end_k, tiles, j, row0,
+                             row_end, first_slot, q_min_s, q_max_s, hk, lane);
     return;
   }
 
@@ -421,22 +469,7 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
     if (!hdr.z) break;
     ++count;
     const int* ek = smem_ek + stage * kTile;
-    auto tile_vis = [&](unsigned long long (&vis)[2]) {  // bit 8 jj + 2 c4 + e2: the lane's keys only
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        unsigned long long bits = 0;
-#pragma unroll
-        for (int jj = 0; jj < 8; ++jj) {
-#pragma unroll
-          for (int e2 = 0; e2 < 2; ++e2) {
-            const int key = 8 * jj + 2 * c4 + e2;
-            const bool ok = hdr.x + key <= row_c[r] && sq_row[r] <= ek[key];
-            bits |= static_cast<unsigned long long>(ok) << key;
-          }
-        }
-        vis[r] = bits;
-      }
-    };
+    auto tile_vis = [&](unsigned long long (&vis)[2]) { dfs_tile_vis(vis, ek, hdr.x, row_c, sq_row, c4); };
     const T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
     wg_attention_step<T, D>(st, qf, smem_addr(sk), smem_addr(sk + Cfg::kTileElems), hdr.y != 0, tile_vis,
                             scale_log2, lane);
@@ -743,6 +776,403 @@ dfs_bwd_dq_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restri
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + warp_row0 + g + 8 * r;
+    if (row < row_end) store_row<D>(dq + static_cast<i64>(row) * dq_sn + h * dq_sh, dq_acc, r, scale, c4);
+  }
+}
+
+// ------------------------------------------------------------------ backward, Hopper (sm_90a)
+//
+// Chosen with the Hopper forward (compute capability 9.0, G even). Both kernels keep every operand
+// of their products in shared memory or in registers as the forward does (WgTile tiles, 128-byte
+// swizzle, TMA copies) and give the producer's registers to the consumers (setmaxnreg).
+//
+// dfs_bwd_dkdv_ws_kernel: grid Hkv * slots (slot = x / Hkv ascending, as dfs_bwd_dkdv_kernel). The
+//   CTA holds K tile j and its V tile of KV head hk. Its items are (Q tile i, query head h) for the
+//   Q tiles i that see tile j and the G heads of the group, in that order; the producer warp copies
+//   item t's Q and dO tiles by TMA into ring stage t % kStages with the rows' lse (base 2), delta
+//   and start_q, and consumer warpgroup t % 2 takes it. Per item, with the keys as rows:
+//     S^T = K Q^T and dP^T = V dO^T  (wgmma, both operands in shared memory),
+//     P^T = exp2(S^T scale_log2 - lse2) under the tree predicate,
+//     dV += P^T dO, dS^T = P^T (dP^T - delta), dK += dS^T Q  (P^T, dS^T from registers).
+//   At the end the two warpgroups' sums meet in shared memory (dK = dK_0 + dK_1, dV = dV_1 + dV_0:
+//   a fixed order) and are stored; dK is scaled by softmax_scale.
+//   Two stages after the last item carry valid = 0, one for each consumer.
+// dfs_bwd_dq_ws_kernel: the forward's shape (grid (H / 2) * slots; the producer walks the visible K
+//   tiles); Q and dO of both heads are resident. Per K tile: S = Q K^T, dP = dO V^T (shared memory
+//   operands), P = exp2(S scale_log2 - lse2) masked, dS = P (dP - delta), dQ += dS K (dS from
+//   registers); dQ is scaled by softmax_scale.
+template <int D>
+struct DfsDkdvWsConfig {
+  static constexpr int kStages = 5;
+  static constexpr int kTileElems = kTile * D;
+  static constexpr int kTileBytes = (2 + 2 * kStages) * kTileElems * 2;  // K, V, the (Q, dO) ring
+  // Then per stage 64 lse2, 64 delta, 64 start_q and a header int4 (qrow0, full, valid, -); the
+  // full/empty mbarriers and K/V's (host: the same sum, plus 1 KB for the alignment).
+  static constexpr int kBytes = kTileBytes + kStages * (3 * kTile * 4 + 16) + (2 * kStages + 1) * 8;
+  static_assert(2 * kStages * kTileElems * 2 >= 2 * 128 * (D / 2) * 4, "the final sums fit in the ring");
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(384, 1)
+dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
+                       const __grid_constant__ TmaDesc tma_v, const __grid_constant__ TmaDesc tma_do,
+                       const float* __restrict__ lse, const float* __restrict__ delta,
+                       const int* __restrict__ start_q, const int* __restrict__ end_k,
+                       const int* __restrict__ tiles, int num_slots, T* __restrict__ dk, i64 dk_sn, i64 dk_sh,
+                       T* __restrict__ dv, i64 dv_sn, i64 dv_sh, int num_heads, int group, float scale_log2,
+                       float scale) {
+  using Cfg = DfsDkdvWsConfig<D>;
+  using Tile = WgTile<D, kTile>;
+  static_assert(kHaveWgmma, "the warp-specialised backward needs the sm_90a target");
+  constexpr int S = Cfg::kStages;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem_base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the host adds 1 KB
+  T* smem_k = reinterpret_cast<T*>(smem_base);                      // [64][D]
+  T* smem_v = smem_k + Cfg::kTileElems;                             // [64][D]
+  T* smem_ring = smem_v + Cfg::kTileElems;                          // stage s: Q at 2 s, dO at 2 s + 1
+  float* smem_rows = reinterpret_cast<float*>(smem_base + Cfg::kTileBytes);  // [S][lse2, delta, start_q][64]
+  int4* smem_hdr = reinterpret_cast<int4*>(smem_rows + S * 3 * kTile);      // [S]
+  u64* bar_full = reinterpret_cast<u64*>(smem_hdr + S);                     // [S]
+  u64* bar_empty = bar_full + S;                                             // [S]
+  u64* bar_kv = bar_empty + S;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
+  const int num_kv_heads = num_heads / group;
+  const int hk = blockIdx.x % num_kv_heads, j = static_cast<int>(blockIdx.x / num_kv_heads);
+  const int* meta = tiles + static_cast<i64>(j) * kMeta;
+  const int key0 = meta[0], key_end = meta[1], seq_end = meta[3], k_min_e = meta[6], k_max_e = meta[7];
+  if (key0 >= key_end) return;  // an unused slot: the whole CTA leaves before any barrier
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(bar_full + s, 32);  // the producer warp's lanes (lane 0 with the tiles' bytes)
+      mbar_init(bar_empty + s, 128);  // every thread of the consumer that takes the stage
+    }
+    mbar_init(bar_kv, 1);
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    setmaxnreg_dec<24>();
+    if (warp != 0) return;
+    // Producer: the items (Q tile i, head h) in order.
+    constexpr u32 kItemTx = 2 * kTile * D * sizeof(T);  // Q and dO
+    if (lane == 0) {
+      tma_prefetch_desc(&tma_q);
+      tma_prefetch_desc(&tma_do);
+      mbar_arrive_expect_tx(bar_kv, 2 * kTile * D * sizeof(T));
+      for (int c = 0; c < D / 64; ++c) {
+        tma_load_3d(smem_addr(smem_k + c * kTile * 64), &tma_k, 64 * c, hk, key0, bar_kv);
+        tma_load_3d(smem_addr(smem_v + c * kTile * 64), &tma_v, 64 * c, hk, key0, bar_kv);
+      }
+    }
+    const int last = min(j + (seq_end - key0 + kTile - 1) / kTile - 1, num_slots - 1);
+    int t = 0;
+    for (int i = j; i <= last + 2; ++i) {  // i > last: the two closing stages
+      const bool closing = i > last;
+      const int* qmeta = tiles + static_cast<i64>(closing ? j : i) * kMeta;
+      if (!closing && i > j && qmeta[4] > k_max_e) continue;  // no query of tile i sees any key here
+      const bool full = i > j && k_min_e >= qmeta[5];
+      const int qrow0 = key0 + kTile * (i - j), q_end = min(qrow0 + kTile, seq_end);
+      for (int gi = 0; gi < (closing ? 1 : group); ++gi, ++t) {
+        const int stage = t % S, h = hk * group + gi;
+        // The rows' values load before the stage wait; the copies start before they are stored.
+        float l2[2], dl[2];
+        int sqv[2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = qrow0 + lane + 32 * half;
+          const bool ok = !closing && row < q_end;
+          const float l = ok ? lse[static_cast<i64>(row) * num_heads + h] : neg_inf();
+          l2[half] = l == neg_inf() ? pos_inf() : l * kLog2e;  // a row that sees nothing: P = 0
+          dl[half] = ok ? delta[static_cast<i64>(row) * num_heads + h] : 0.f;
+          sqv[half] = ok ? start_q[row] : kIntMax;
+        }
+        if (t >= S) mbar_wait(bar_empty + stage, (t / S - 1) & 1);
+        if (closing) {
+          if (lane == 0) smem_hdr[stage] = make_int4(0, 0, 0, 0);
+          mbar_arrive(bar_full + stage);
+          continue;
+        }
+        if (lane == 0) {
+          smem_hdr[stage] = make_int4(qrow0, full, 1, 0);
+          mbar_expect_tx(bar_full + stage, kItemTx);
+          T* sq = smem_ring + 2 * stage * Cfg::kTileElems;
+          for (int c = 0; c < D / 64; ++c) {
+            tma_load_3d(smem_addr(sq + c * kTile * 64), &tma_q, 64 * c, h, qrow0, bar_full + stage);
+            tma_load_3d(smem_addr(sq + Cfg::kTileElems + c * kTile * 64), &tma_do, 64 * c, h, qrow0,
+                        bar_full + stage);
+          }
+        }
+        float* rows = smem_rows + stage * 3 * kTile;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = lane + 32 * half;
+          rows[r] = l2[half];
+          rows[kTile + r] = dl[half];
+          reinterpret_cast<int*>(rows)[2 * kTile + r] = sqv[half];
+        }
+        mbar_arrive(bar_full + stage);  // each lane publishes its own stores
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup cw takes items cw, cw + 2, ...; warp w4 owns keys key0 + 16 w4 + g (+ 8).
+  setmaxnreg_inc<240>();
+  const int cw = wg - 1, w4 = warp % 4, g = lane / 4, c4 = lane % 4;
+  int key_c[2], ek_key[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    key_c[r] = min(key0 + 16 * w4 + g + 8 * r, key_end - 1);
+    ek_key[r] = end_k[key_c[r]];
+  }
+  float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_acc[i][e] = dv_acc[i][e] = 0.f;
+  const u32 k_addr = smem_addr(smem_k), v_addr = smem_addr(smem_v);
+  mbar_wait(bar_kv, 0);
+
+  for (int t = cw;; t += 2) {
+    const int stage = t % S;
+    mbar_wait(bar_full + stage, (t / S) & 1);
+    const int4 hdr = smem_hdr[stage];
+    if (!hdr.z) break;
+    const u32 q_addr = smem_addr(smem_ring + 2 * stage * Cfg::kTileElems);
+    const u32 do_addr = q_addr + Cfg::kTileElems * sizeof(T);
+    const float* lse2 = smem_rows + stage * 3 * kTile;
+    const float* dlt = lse2 + kTile;
+    const int* sq = reinterpret_cast<const int*>(dlt + kTile);
+
+    // S^T = K Q^T and dP^T = V dO^T, in two groups: the softmax of S^T runs while dP^T computes.
+    float s[8][4], dp[8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_ss<T, 64>(s, Tile::kmajor_desc(k_addr, kk), Tile::kmajor_desc(q_addr, kk), kk);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_ss<T, 64>(dp, Tile::kmajor_desc(v_addr, kk), Tile::kmajor_desc(do_addr, kk), kk);
+    wgmma_commit();
+    wgmma_wait<1>();
+
+    // P^T: element (key 16 w4 + g + 8 r, query 8 jj + 2 c4 + e2) in s[jj][2 r + e2].
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const int qi = 8 * jj + 2 * c4 + e2;
+        const float l2 = lse2[qi];
+        const int sqi = sq[qi];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int e = 2 * r + e2;
+          const bool ok = hdr.y || (key_c[r] <= hdr.x + qi && sqi <= ek_key[r]);
+          s[jj][e] = ok ? fast_exp2(fmaf(s[jj][e], scale_log2, -l2)) : 0.f;
+        }
+      }
+    }
+    // dV += P^T dO.
+    u32 pa[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) acc_to_a<T>(pa[kk], s, kk);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(dv_acc, pa[kk], Tile::mnmajor_desc(do_addr, kk));
+    wgmma_commit();
+    wgmma_wait<1>();  // dP^T is in (dV may still run)
+
+    // dS^T = P^T (dP^T - delta); dK += dS^T Q.
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const float d = dlt[8 * jj + 2 * c4 + e2];
+        dp[jj][e2] = s[jj][e2] * (dp[jj][e2] - d);
+        dp[jj][2 + e2] = s[jj][2 + e2] * (dp[jj][2 + e2] - d);
+      }
+    }
+    u32 da[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) acc_to_a<T>(da[kk], dp, kk);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(dk_acc, da[kk], Tile::mnmajor_desc(q_addr, kk));
+    wgmma_commit();
+    wgmma_wait<0>();
+    mbar_arrive(bar_empty + stage);  // each thread releases its own reads of the row values
+  }
+
+  // The two consumers' sums meet in the ring (every copy into it has landed and been read once both
+  // are here): consumer 0 hands over dV, consumer 1 dK; each adds the other's and stores one.
+  constexpr int kRegs = D / 2;  // accumulator values per thread
+  const int ti = tid - 128 * (cw + 1);
+  float* xfer = reinterpret_cast<float*>(smem_ring);  // [2][kRegs][128]
+  named_barrier_sync(1, 256);
+  {
+    float* mine = xfer + cw * kRegs * 128;
+    if (cw == 0) {
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mine[(4 * i + e) * 128 + ti] = dv_acc[i][e];
+    } else {
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mine[(4 * i + e) * 128 + ti] = dk_acc[i][e];
+    }
+  }
+  named_barrier_sync(1, 256);
+  const float* other = xfer + (1 - cw) * kRegs * 128;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + 16 * w4 + g + 8 * r;
+    if (key >= key_end) continue;
+    if (cw == 0) {
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        const float a = dk_acc[i][2 * r] + other[(4 * i + 2 * r) * 128 + ti];
+        const float b = dk_acc[i][2 * r + 1] + other[(4 * i + 2 * r + 1) * 128 + ti];
+        *reinterpret_cast<u32*>(dk + static_cast<i64>(key) * dk_sn + hk * dk_sh + 8 * i + 2 * c4) =
+            pack2<T>(a * scale, b * scale);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        const float a = dv_acc[i][2 * r] + other[(4 * i + 2 * r) * 128 + ti];
+        const float b = dv_acc[i][2 * r + 1] + other[(4 * i + 2 * r + 1) * 128 + ti];
+        *reinterpret_cast<u32*>(dv + static_cast<i64>(key) * dv_sn + hk * dv_sh + 8 * i + 2 * c4) = pack2<T>(a, b);
+      }
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(384, 1)
+dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
+                     const __grid_constant__ TmaDesc tma_v, const __grid_constant__ TmaDesc tma_do,
+                     const float* __restrict__ lse, const float* __restrict__ delta,
+                     const int* __restrict__ start_q, const int* __restrict__ end_k,
+                     const int* __restrict__ tiles, int num_slots, T* __restrict__ dq, i64 dq_sn, i64 dq_sh,
+                     int num_heads, int group, float scale_log2, float scale) {
+  using Cfg = DfsWsConfig<D, 2, 4>;
+  using Tile = WgTile<D, kTile>;
+  static_assert(kHaveWgmma, "the warp-specialised backward needs the sm_90a target");
+  constexpr int S = Cfg::kStages;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* smem_base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the host adds 1 KB
+  T* smem_res = reinterpret_cast<T*>(smem_base);                // Q of heads 0, 1, dO of heads 0, 1
+  T* smem_kv = smem_res + 4 * Cfg::kTileElems;                  // stage s: K at 2 s, V at 2 s + 1
+  int* smem_ek = reinterpret_cast<int*>(smem_base + Cfg::kTileBytes);  // [S][64]
+  int4* smem_hdr = reinterpret_cast<int4*>(smem_ek + S * kTile);        // [S] (key0, full, valid, -)
+  u64* bar_full = reinterpret_cast<u64*>(smem_hdr + S);                 // [S]
+  u64* bar_empty = bar_full + S;                                         // [S]
+  u64* bar_q = bar_empty + S;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
+  const int pairs = num_heads / 2;
+  const int pair = blockIdx.x % pairs;
+  const int j = num_slots - 1 - static_cast<int>(blockIdx.x / pairs);
+  const int* meta = tiles + static_cast<i64>(j) * kMeta;
+  const int row0 = meta[0], row_end = meta[1], first_slot = meta[2], q_min_s = meta[4], q_max_s = meta[5];
+  if (row0 >= row_end) return;
+  const int hk = 2 * pair / group;
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(bar_full + s, 32);
+      mbar_init(bar_empty + s, 8);
+    }
+    mbar_init(bar_q, 1);
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    setmaxnreg_dec<24>();
+    if (warp != 0) return;
+    if (lane == 0) {
+      tma_prefetch_desc(&tma_k);
+      tma_prefetch_desc(&tma_v);
+      const TmaDesc* const maps[2] = {&tma_q, &tma_do};
+      dfs_load_resident<T, D>(smem_res, maps, 2, pair, row0, bar_q);
+    }
+    dfs_kv_producer<T, D, S>(&tma_k, &tma_v, smem_kv, smem_ek, smem_hdr, bar_full, bar_empty, end_k, tiles, j, row0,
+                             row_end, first_slot, q_min_s, q_max_s, hk, lane);
+    return;
+  }
+
+  setmaxnreg_inc<240>();
+  const int cw = wg - 1, w4 = warp % 4, g = lane / 4, c4 = lane % 4;
+  const int h = 2 * pair + cw;
+  int row_c[2], sq_row[2];
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 16 * w4 + g + 8 * r;
+    row_c[r] = min(row, row_end - 1);
+    sq_row[r] = start_q[row_c[r]];
+    const float l = row < row_end ? lse[static_cast<i64>(row) * num_heads + h] : neg_inf();
+    lse2[r] = l == neg_inf() ? pos_inf() : l * kLog2e;
+    dlt[r] = row < row_end ? delta[static_cast<i64>(row) * num_heads + h] : 0.f;
+  }
+  const u32 q_addr = smem_addr(smem_res + cw * Cfg::kTileElems);
+  const u32 do_addr = smem_addr(smem_res + (2 + cw) * Cfg::kTileElems);
+  float dq_acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) dq_acc[i][0] = dq_acc[i][1] = dq_acc[i][2] = dq_acc[i][3] = 0.f;
+  mbar_wait(bar_q, 0);
+
+  for (int t = 0;; ++t) {
+    const int stage = t % S;
+    mbar_wait(bar_full + stage, (t / S) & 1);
+    const int4 hdr = smem_hdr[stage];
+    if (!hdr.z) break;
+    const u32 k_addr = smem_addr(smem_kv + 2 * stage * Cfg::kTileElems);
+    const u32 v_addr = k_addr + Cfg::kTileElems * sizeof(T);
+
+    float s[8][4], dp[8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_ss<T, 64>(s, Tile::kmajor_desc(q_addr, kk), Tile::kmajor_desc(k_addr, kk), kk);
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_ss<T, 64>(dp, Tile::kmajor_desc(do_addr, kk), Tile::kmajor_desc(v_addr, kk), kk);
+    wgmma_commit();
+    wgmma_wait<1>();
+
+    if (!hdr.y) {
+      unsigned long long vis[2];
+      dfs_tile_vis(vis, smem_ek + stage * kTile, hdr.x, row_c, sq_row, c4);
+      mask_invisible<64>(s, vis, 0, lane);
+    }
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[jj][e] = fast_exp2(fmaf(s[jj][e], scale_log2, -lse2[e / 2]));
+    wgmma_wait<0>();
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[jj][e] = s[jj][e] * (dp[jj][e] - dlt[e / 2]);
+    u32 da[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) acc_to_a<T>(da[kk], dp, kk);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(dq_acc, da[kk], Tile::mnmajor_desc(k_addr, kk));
+    wgmma_commit();
+    wgmma_wait<0>();
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar_empty + stage);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 16 * w4 + g + 8 * r;
     if (row < row_end) store_row<D>(dq + static_cast<i64>(row) * dq_sn + h * dq_sh, dq_acc, r, scale, c4);
   }
 }

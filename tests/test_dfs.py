@@ -339,12 +339,12 @@ def test_gpu_random_trees_match_reference(gen, dtype, d, h, hkv):
 @pytest.mark.parametrize("wgmma", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
-def test_gpu_forward_kernels_even_groups(gen, monkeypatch, wgmma, dtype, d):
-    """G = H / Hkv even: on compute capability 9.0 the forward runs the sm_90a kernel (two heads per
-    CTA, TMA copies, wgmma); FLASHTREE_WGMMA=0 (here: _WGMMA False) the portable one."""
+def test_gpu_kernels_even_groups(gen, monkeypatch, wgmma, dtype, d):
+    """G = H / Hkv even: on compute capability 9.0 the forward and the backward run the sm_90a
+    kernels (TMA copies, wgmma); FLASHTREE_WGMMA=0 (here: _WGMMA False) the portable ones."""
     monkeypatch.setattr(dfs, "_WGMMA", wgmma)
     if wgmma and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the sm_90a forward needs compute capability 9.0")
+        pytest.skip("the sm_90a kernels need compute capability 9.0")
     sq, ek, cu, _ = random_pack(gen, num_trees=3, max_nodes=30, max_len=40)
     _check_gpu_case(sq, ek, cu, 8, 2, d, dtype, gen)
     sq, ek, cu = tree.dfs_arrays_from_groups([(300, [150, 77, 1]), (64, [64, 64])])  # tiles across nodes and sequences

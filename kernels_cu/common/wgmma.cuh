@@ -98,6 +98,11 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(u64* bar, u32 bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 }
 
+// Expect `bytes` more bytes of asynchronous copies on the barrier's current phase, without arriving.
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
 // TMA (the tensor memory accelerator): a tensor map (CUtensorMap, encoded on the host by
 // cuTensorMapEncodeTiled, flashtree/_jit/tma.py; a __grid_constant__ kernel parameter) describes a
 // global tensor and a box; tma_load_3d copies the box at coordinates (c0 innermost, c1, c2) to shared
@@ -119,6 +124,22 @@ __device__ __forceinline__ void tma_prefetch_desc(const TmaDesc* desc) {
 
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Register reallocation between the warpgroups of a warp-specialised CTA (sm_90a): every warp of a
+// warpgroup executes the same call; a producer gives registers back (dec) so that the consumers can
+// take more (inc: it waits until the CTA's pool holds them). N is a multiple of 8 in [24, 256].
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N));
+#endif
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
+#endif
 }
 
 // d (64 x N) = A (desc a) * B (desc b) + (accumulate ? d : 0); A and B K-major.
