@@ -301,8 +301,9 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
 // producer, dfs_kv_producer) walks the visible K tiles (as dfs_fwd_kernel) and copies each K/V tile
 // by TMA into a ring of kStages stages (4 [64][64] boxes per tile at D = 128), with the tile's 64
 // end_k values and its (key0, full, valid) header; warpgroups 1 and 2 (the consumers) run heads 2 p
-// and 2 p + 1 of the pair over the same tiles on wgmma (wg_attention_step: S in registers, Q as
-// register A fragments), so each K/V tile crosses L2 -> SM once for two heads. A stage with valid = 0
+// and 2 p + 1 of the pair over the same tiles on wgmma (wg_attention_step_pipelined: S in registers,
+// Q as register A fragments, tile t's P V during tile t + 1's softmax), so each K/V tile crosses
+// L2 -> SM once for two heads. A stage with valid = 0
 // ends the walk. Rows and keys past the tile (another sequence, or past N: zeros) are computed and
 // masked, never stored. grid = (H / 2) * slots: pair = x % (H / 2), slot = slots - 1 - x / (H / 2).
 // dfs_bwd_dq_ws_kernel (backward, below) has the same shape with Q and dO of both heads resident.
@@ -432,6 +433,7 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
   __syncthreads();
 
   if (wg == 0) {
+    setmaxnreg_dec<24>();
     if (warp != 0) return;
     if (lane == 0) {
       tma_prefetch_desc(&tma_q);
@@ -446,6 +448,7 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
   }
 
   // Consumers: warpgroup cw runs head 2 pair + cw, rows row0 + 16 w4 + g (+ 8).
+  setmaxnreg_inc<240>();
   const int cw = wg - 1, w4 = warp % 4, g = lane / 4, c4 = lane % 4;
   const int h = 2 * pair + cw;
   int row_c[2], sq_row[2];
@@ -459,9 +462,14 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, Tile>(qf[kk], smem_q + cw * Cfg::kTileElems, 16 * w4, kk, lane);
 
+  // The tiles' steps are software-pipelined: tile t's P V runs during tile t + 1's softmax, so a
+  // stage is released one step later.
   RowState<D> st;
   st.clear();
-  int count = 0;
+  PendingPV pend;
+  pend.valid = false;
+  pend.v = 0;
+  int count = 0, held = -1;
   for (int t = 0;; ++t) {
     const int stage = t % S;
     mbar_wait(bar_full + stage, (t / S) & 1);
@@ -471,11 +479,15 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
     const int* ek = smem_ek + stage * kTile;
     auto tile_vis = [&](unsigned long long (&vis)[2]) { dfs_tile_vis(vis, ek, hdr.x, row_c, sq_row, c4); };
     const T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
-    wg_attention_step<T, D>(st, qf, smem_addr(sk), smem_addr(sk + Cfg::kTileElems), hdr.y != 0, tile_vis,
-                            scale_log2, lane);
+    wg_attention_step_pipelined<T, D>(st, pend, qf, smem_addr(sk), smem_addr(sk + Cfg::kTileElems), hdr.y != 0,
+                                      tile_vis, scale_log2, lane);
     __syncwarp();
-    if (lane == 0) mbar_arrive(bar_empty + stage);
+    if (held >= 0 && lane == 0) mbar_arrive(bar_empty + held);
+    held = stage;
   }
+  wg_attention_flush<T, D>(st, pend);
+  __syncwarp();
+  if (held >= 0 && lane == 0) mbar_arrive(bar_empty + held);
   if (visited != nullptr && w4 == 0 && lane == 0) visited[static_cast<i64>(j) * num_heads + h] = count;
 
   // Normalise; store o and the natural-log lse of the owned rows.

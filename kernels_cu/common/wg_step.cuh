@@ -80,4 +80,94 @@ __device__ __forceinline__ void wg_attention_step(RowState<D>& st, const u32 (&q
   wgmma_wait<0>();
 }
 
+// The software-pipelined form of wg_attention_step (FlashAttention-3's intra-warpgroup overlap): the
+// P V product of tile n - 1 runs on the tensor cores while the softmax of tile n runs on the other
+// pipes. Per tile: issue S = Q K_n^T and then O += P_{n-1} V_{n-1} (`pend`), wait for S, mask, take
+// the new maxima (a rescale of O, which is rare with the lazy rule, first waits for the product),
+// exponentiate, wait for the product, then keep P_n and V_n as the next pending product. On return
+// tile n - 1's K/V stage is free (the caller releases it) and tile n's V is still read later;
+// wg_attention_flush issues the last product. Needs 16 more registers than wg_attention_step.
+struct PendingPV {
+  u32 p[4][4];  // P_{n-1} as A fragments (16-bit)
+  u32 v;        // V_{n-1}'s shared-memory address
+  bool valid;
+};
+
+template <typename T, int D, typename VisFn>
+__device__ __forceinline__ void wg_attention_step_pipelined(RowState<D>& st, PendingPV& pend, const u32 (&q)[D / 16][4],
+                                                            u32 k, u32 v, bool full, VisFn tile_vis, float scale_log2,
+                                                            int lane) {
+  using Tile = WgTile<D, 64>;
+  float s[8][4];
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 64>(s, q[kk], Tile::kmajor_desc(k, kk), kk);
+  wgmma_commit();
+  if (pend.valid) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(st.o_acc, pend.p[kk], Tile::mnmajor_desc(pend.v, kk));
+    wgmma_commit();
+    wgmma_wait<1>();  // S is in; P V may still run
+  } else {
+    wgmma_wait<0>();
+  }
+
+  if (!full) {
+    unsigned long long vis[2];
+    tile_vis(vis);
+    mask_invisible<64>(s, vis, 0, lane);
+  }
+  // online_softmax_step with the O rescale held back until the pending product is done.
+  float rescale[2];
+  bool grow_any = false;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float mx = quad_max(lane_row_max(s, r)) * scale_log2;
+    const bool grow = mx > st.row_max[r] + kRescaleSlack;
+    rescale[r] = grow ? fast_exp2(st.row_max[r] - mx) : 1.f;
+    st.row_max[r] = grow ? mx : st.row_max[r];
+    grow_any |= grow;
+  }
+  if (__any_sync(0xffffffffu, grow_any)) {
+    wgmma_wait<0>();
+#pragma unroll
+    for (int e = 0; e < 4; ++e) st.l_acc[e] *= rescale[e / 2];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st.o_acc[i][e] *= rescale[e / 2];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float neg_base = st.row_max[r] == neg_inf() ? 0.f : -st.row_max[r];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      s[j][2 * r] = fast_exp2(fmaf(s[j][2 * r], scale_log2, neg_base));
+      s[j][2 * r + 1] = fast_exp2(fmaf(s[j][2 * r + 1], scale_log2, neg_base));
+    }
+  }
+  wgmma_wait<0>();  // P_{n-1} V_{n-1} is done: its registers and its stage are free
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    acc_to_a<T>(pend.p[kk], s, kk);
+    mma_row_sum<T>(st.l_acc, pend.p[kk]);
+  }
+  pend.v = v;
+  pend.valid = true;
+}
+
+// Issue the last pending product of wg_attention_step_pipelined and wait for it.
+template <typename T, int D>
+__device__ __forceinline__ void wg_attention_flush(RowState<D>& st, PendingPV& pend) {
+  using Tile = WgTile<D, 64>;
+  if (!pend.valid) return;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(st.o_acc, pend.p[kk], Tile::mnmajor_desc(pend.v, kk));
+  wgmma_commit();
+  wgmma_wait<0>();
+  pend.valid = false;
+}
+
 }  // namespace ft
