@@ -320,8 +320,8 @@ struct DfsWsConfig {
 
 // The producer warp of the Q-tile kernels: walk K tiles j, prev_visible(j), ... of Q tile j (rows
 // row0..row_end, start_q range [q_min_s, q_max_s]) and fill ring stage t % S with tile t: K and V by
-// TMA (KV head hk; lane 0 adds their bytes to the phase) and the tile's end_k by the lanes, each lane
-// arriving on `full` (count 32). The stage after the last tile gets valid = 0.
+// TMA (KV head hk) and the tile's end_k by the lanes, each lane arriving on `full` (count 32; lane
+// 0 with the copies' bytes, after its stores). The stage after the last tile gets valid = 0.
 template <typename T, int D, int S>
 __device__ __forceinline__ void dfs_kv_producer(const TmaDesc* tma_k, const TmaDesc* tma_v, T* smem_kv,
                                                 int* smem_ek, int4* smem_hdr, u64* bar_full, u64* bar_empty,
@@ -332,31 +332,29 @@ __device__ __forceinline__ void dfs_kv_producer(const TmaDesc* tma_k, const TmaD
   int jk = j;
   for (int t = 0;; ++t) {
     const int stage = t % S;
-    // The tile's end_k loads before the stage wait; the copies start before it is stored.
-    const int key0 = row0 - kTile * (j - jk);
-    const int key_end = jk == j ? row_end : key0 + kTile;
-    const bool valid = jk >= first_slot;
-    const int ek0 = valid ? end_k[min(key0 + lane, key_end - 1)] : 0;
-    const int ek1 = valid ? end_k[min(key0 + 32 + lane, key_end - 1)] : 0;
-    const bool full = valid && jk < j && tiles[static_cast<i64>(jk) * kMeta + 6] >= q_max_s;
     if (t >= S) mbar_wait(bar_empty + stage, (t / S - 1) & 1);
-    if (!valid) {  // the walk is over: an invalid stage tells the consumers
+    if (jk < first_slot) {  // the walk is over: an invalid stage tells the consumers
       if (lane == 0) smem_hdr[stage] = make_int4(0, 0, 0, 0);
       mbar_arrive(bar_full + stage);
       return;
     }
+    const int key0 = row0 - kTile * (j - jk);
+    const int key_end = jk == j ? row_end : key0 + kTile;
+    const int ek0 = end_k[min(key0 + lane, key_end - 1)];
+    const int ek1 = end_k[min(key0 + 32 + lane, key_end - 1)];
+    const bool full = jk < j && tiles[static_cast<i64>(jk) * kMeta + 6] >= q_max_s;
+    smem_ek[stage * kTile + lane] = ek0;  // each lane publishes its own stores by its arrival
+    smem_ek[stage * kTile + 32 + lane] = ek1;
+    if (lane != 0) mbar_arrive(bar_full + stage);
     if (lane == 0) {
       smem_hdr[stage] = make_int4(key0, full, 1, 0);
-      mbar_expect_tx(bar_full + stage, kTileTx);
+      mbar_arrive_expect_tx(bar_full + stage, kTileTx);
       T* sk = smem_kv + 2 * stage * kTile * D;
       for (int c = 0; c < D / 64; ++c) {
         tma_load_3d(smem_addr(sk + c * kTile * 64), tma_k, 64 * c, hk, key0, bar_full + stage);
         tma_load_3d(smem_addr(sk + kTile * D + c * kTile * 64), tma_v, 64 * c, hk, key0, bar_full + stage);
       }
     }
-    smem_ek[stage * kTile + lane] = ek0;
-    smem_ek[stage * kTile + 32 + lane] = ek1;
-    mbar_arrive(bar_full + stage);  // each lane publishes its own stores
     jk = prev_visible(tiles, jk, first_slot, q_min_s);
   }
 }
