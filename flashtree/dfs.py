@@ -22,7 +22,10 @@ response's tiles, exactly the visible blocks.
 Forward on Hopper (compute capability 9.0, G = H / Hkv even; FLASHTREE_WGMMA=0 turns it off): an
 sm_90a kernel in which a producer warp walks the visible K tiles and copies them by TMA while two
 consumer warpgroups run two query heads of the KV group on wgmma over the same tiles
-(``dfs_fwd_ws_kernel``); elsewhere the portable mma.sync kernel.
+(``dfs_fwd_ws_kernel``); elsewhere the portable mma.sync kernel. Under the same condition the
+backward runs ``dfs_bwd_dkdv_ws_kernel`` (one K/V tile per CTA; the producer copies each (Q tile,
+head) item's Q and dO; the two consumers take alternate items) and ``dfs_bwd_dq_ws_kernel`` (the
+forward's shape, Q and dO resident).
 
 Backward, deterministic without atomics: ``delta = rowsum(dO * O) - dlse`` (pre-pass); kernel A per
 (K tile, KV head) loops over the Q tiles that see it and over the G query heads of the group,
