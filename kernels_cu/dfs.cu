@@ -392,6 +392,64 @@ __device__ __forceinline__ void dfs_load_resident(T* smem, const TmaDesc* const 
                     row0, bar);
 }
 
+// The shared setup of the two kernels with a CTA per (Q tile, pair of query heads): its tile and
+// heads, its shared memory (PER_HEAD resident tiles per head, then the K/V ring of S stages with
+// end_k and headers, then the mbarriers), the barriers' initialisation and the producer warp.
+template <typename T, int D, int PER_HEAD, int S>
+struct DfsPairCta {
+  using Cfg = DfsWsConfig<D, PER_HEAD, S>;
+  T* res;        // resident tile m of head hh at (2 m + hh) * 64 D
+  T* kv;         // stage s: K at 2 s, V at 2 s + 1
+  int* ek;       // [S][64]
+  int4* hdr;     // [S] (key0, full, valid, -)
+  u64* full;     // [S]
+  u64* empty;    // [S]
+  u64* bar_res;  // the resident tiles
+  int pair, hk, j, row0, row_end, first_slot, q_min_s, q_max_s;
+
+  __device__ __forceinline__ DfsPairCta(unsigned char* smem_raw, const int* __restrict__ tiles, int num_slots,
+                                        int num_heads, int group) {
+    unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the host adds 1 KB
+    res = reinterpret_cast<T*>(base);
+    kv = res + 2 * PER_HEAD * Cfg::kTileElems;
+    ek = reinterpret_cast<int*>(base + Cfg::kTileBytes);
+    hdr = reinterpret_cast<int4*>(ek + S * kTile);
+    full = reinterpret_cast<u64*>(hdr + S);
+    empty = full + S;
+    bar_res = empty + S;
+    const int pairs = num_heads / 2;
+    pair = blockIdx.x % pairs;
+    hk = 2 * pair / group;
+    j = num_slots - 1 - static_cast<int>(blockIdx.x / pairs);
+    const int* meta = tiles + static_cast<i64>(j) * kMeta;
+    row0 = meta[0], row_end = meta[1], first_slot = meta[2], q_min_s = meta[4], q_max_s = meta[5];
+  }
+  // By the whole CTA (after the unused-slot exit): the producer warp's lanes fill a stage (count
+  // 32), the consumers' 8 warps empty it, one arrival with the resident tiles' bytes.
+  __device__ __forceinline__ void init_barriers() const {
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < S; ++s) {
+        mbar_init(full + s, 32);
+        mbar_init(empty + s, 8);
+      }
+      mbar_init(bar_res, 1);
+    }
+    __syncthreads();
+  }
+  // The producer warp: the resident tiles (one map per kind), then the K/V walk.
+  __device__ __forceinline__ void produce(const TmaDesc* const (&maps)[2], const TmaDesc* tma_k, const TmaDesc* tma_v,
+                                          const int* __restrict__ end_k, const int* __restrict__ tiles,
+                                          int lane) const {
+    if (lane == 0) {
+      tma_prefetch_desc(tma_k);
+      tma_prefetch_desc(tma_v);
+      dfs_load_resident<T, D>(res, maps, PER_HEAD, pair, row0, bar_res);
+    }
+    dfs_kv_producer<T, D, S>(tma_k, tma_v, kv, ek, hdr, full, empty, end_k, tiles, j, row0, row_end, first_slot,
+                             q_min_s, q_max_s, hk, lane);
+  }
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(384, 1)
 dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
@@ -399,49 +457,30 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
                   const int* __restrict__ end_k, const int* __restrict__ tiles, int num_slots,
                   T* __restrict__ o, i64 o_sn, i64 o_sh, float* __restrict__ lse, int* __restrict__ visited,
                   int num_heads, int group, float scale_log2) {
-  using Cfg = DfsWsConfig<D, 1, 5>;
+  using Cta = DfsPairCta<T, D, 1, 5>;
+  using Cfg = typename Cta::Cfg;
   using Tile = WgTile<D, kTile>;
   static_assert(kHaveWgmma, "the warp-specialised forward needs the sm_90a target");
   constexpr int S = Cfg::kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char* smem_base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the host adds 1 KB
-  T* smem_q = reinterpret_cast<T*>(smem_base);                  // [2 heads][64][D]
-  T* smem_kv = smem_q + 2 * Cfg::kTileElems;                    // stage s: K at 2 s, V at 2 s + 1
-  int* smem_ek = reinterpret_cast<int*>(smem_base + Cfg::kTileBytes);  // [S][64]
-  int4* smem_hdr = reinterpret_cast<int4*>(smem_ek + S * kTile);        // [S] (key0, full, valid, -)
-  u64* bar_full = reinterpret_cast<u64*>(smem_hdr + S);                 // [S]
-  u64* bar_empty = bar_full + S;                                         // [S]
-  u64* bar_q = bar_empty + S;
-
+  const Cta cta(smem_raw, tiles, num_slots, num_heads, group);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
-  const int pairs = num_heads / 2;
-  const int pair = blockIdx.x % pairs;
-  const int j = num_slots - 1 - static_cast<int>(blockIdx.x / pairs);
-  const int* meta = tiles + static_cast<i64>(j) * kMeta;
-  const int row0 = meta[0], row_end = meta[1], first_slot = meta[2], q_min_s = meta[4], q_max_s = meta[5];
+  const int pair = cta.pair, j = cta.j, row0 = cta.row0, row_end = cta.row_end;
   if (row0 >= row_end) return;  // an unused slot: the whole CTA leaves before any barrier
-  const int hk = 2 * pair / group;
-  if (tid == 0) {
-    for (int s = 0; s < S; ++s) {
-      mbar_init(bar_full + s, 32);  // the producer warp's lanes (lane 0 with the tile's bytes)
-      mbar_init(bar_empty + s, 8);  // the consumers' warps
-    }
-    mbar_init(bar_q, 1);
-  }
-  __syncthreads();
+  cta.init_barriers();
+  T* smem_q = cta.res;  // [2 heads][64][D]
+  T* smem_kv = cta.kv;
+  int* smem_ek = cta.ek;
+  int4* smem_hdr = cta.hdr;
+  u64* bar_full = cta.full;
+  u64* bar_empty = cta.empty;
 
   if (wg == 0) {
     setmaxnreg_dec<24>();
-    if (warp != 0) return;
-    if (lane == 0) {
-      tma_prefetch_desc(&tma_q);
-      tma_prefetch_desc(&tma_k);
-      tma_prefetch_desc(&tma_v);
+    if (warp == 0) {
       const TmaDesc* const maps[2] = {&tma_q, &tma_q};
-      dfs_load_resident<T, D>(smem_q, maps, 1, pair, row0, bar_q);
+      cta.produce(maps, &tma_k, &tma_v, end_k, tiles, lane);
     }
-    dfs_kv_producer<T, D, S>(&tma_k, &tma_v, smem_kv, smem_ek, smem_hdr, bar_full, bar_empty, end_k, tiles, j, row0,
-                             row_end, first_slot, q_min_s, q_max_s, hk, lane);
     return;
   }
 
@@ -455,7 +494,7 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
     row_c[r] = min(row0 + 16 * w4 + g + 8 * r, row_end - 1);
     sq_row[r] = start_q[row_c[r]];
   }
-  mbar_wait(bar_q, 0);
+  mbar_wait(cta.bar_res, 0);
   u32 qf[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, Tile>(qf[kk], smem_q + cw * Cfg::kTileElems, 16 * w4, kk, lane);
@@ -1068,48 +1107,30 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
                      const int* __restrict__ start_q, const int* __restrict__ end_k,
                      const int* __restrict__ tiles, int num_slots, T* __restrict__ dq, i64 dq_sn, i64 dq_sh,
                      int num_heads, int group, float scale_log2, float scale) {
-  using Cfg = DfsWsConfig<D, 2, 4>;
+  using Cta = DfsPairCta<T, D, 2, 4>;
+  using Cfg = typename Cta::Cfg;
   using Tile = WgTile<D, kTile>;
   static_assert(kHaveWgmma, "the warp-specialised backward needs the sm_90a target");
   constexpr int S = Cfg::kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  unsigned char* smem_base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the host adds 1 KB
-  T* smem_res = reinterpret_cast<T*>(smem_base);                // Q of heads 0, 1, dO of heads 0, 1
-  T* smem_kv = smem_res + 4 * Cfg::kTileElems;                  // stage s: K at 2 s, V at 2 s + 1
-  int* smem_ek = reinterpret_cast<int*>(smem_base + Cfg::kTileBytes);  // [S][64]
-  int4* smem_hdr = reinterpret_cast<int4*>(smem_ek + S * kTile);        // [S] (key0, full, valid, -)
-  u64* bar_full = reinterpret_cast<u64*>(smem_hdr + S);                 // [S]
-  u64* bar_empty = bar_full + S;                                         // [S]
-  u64* bar_q = bar_empty + S;
-
+  const Cta cta(smem_raw, tiles, num_slots, num_heads, group);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
-  const int pairs = num_heads / 2;
-  const int pair = blockIdx.x % pairs;
-  const int j = num_slots - 1 - static_cast<int>(blockIdx.x / pairs);
-  const int* meta = tiles + static_cast<i64>(j) * kMeta;
-  const int row0 = meta[0], row_end = meta[1], first_slot = meta[2], q_min_s = meta[4], q_max_s = meta[5];
+  const int pair = cta.pair, row0 = cta.row0, row_end = cta.row_end;
   if (row0 >= row_end) return;
-  const int hk = 2 * pair / group;
-  if (tid == 0) {
-    for (int s = 0; s < S; ++s) {
-      mbar_init(bar_full + s, 32);
-      mbar_init(bar_empty + s, 8);
-    }
-    mbar_init(bar_q, 1);
-  }
-  __syncthreads();
+  cta.init_barriers();
+  T* smem_res = cta.res;  // Q of heads 0, 1, dO of heads 0, 1
+  T* smem_kv = cta.kv;
+  int* smem_ek = cta.ek;
+  int4* smem_hdr = cta.hdr;
+  u64* bar_full = cta.full;
+  u64* bar_empty = cta.empty;
 
   if (wg == 0) {
     setmaxnreg_dec<24>();
-    if (warp != 0) return;
-    if (lane == 0) {
-      tma_prefetch_desc(&tma_k);
-      tma_prefetch_desc(&tma_v);
+    if (warp == 0) {
       const TmaDesc* const maps[2] = {&tma_q, &tma_do};
-      dfs_load_resident<T, D>(smem_res, maps, 2, pair, row0, bar_q);
+      cta.produce(maps, &tma_k, &tma_v, end_k, tiles, lane);
     }
-    dfs_kv_producer<T, D, S>(&tma_k, &tma_v, smem_kv, smem_ek, smem_hdr, bar_full, bar_empty, end_k, tiles, j, row0,
-                             row_end, first_slot, q_min_s, q_max_s, hk, lane);
     return;
   }
 
@@ -1132,7 +1153,7 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
   float dq_acc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) dq_acc[i][0] = dq_acc[i][1] = dq_acc[i][2] = dq_acc[i][3] = 0.f;
-  mbar_wait(bar_q, 0);
+  mbar_wait(cta.bar_res, 0);
 
   for (int t = 0;; ++t) {
     const int stage = t % S;
