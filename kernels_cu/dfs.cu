@@ -436,10 +436,13 @@ struct DfsPairCta {
     }
     __syncthreads();
   }
-  // The producer warp: the resident tiles (one map per kind), then the K/V walk.
+  // Warpgroup 0: it gives its registers to the consumers (setmaxnreg 24 / 240) and its first warp
+  // produces: the resident tiles (one map per kind), then the K/V walk.
   __device__ __forceinline__ void produce(const TmaDesc* const (&maps)[2], const TmaDesc* tma_k, const TmaDesc* tma_v,
-                                          const int* __restrict__ end_k, const int* __restrict__ tiles,
-                                          int lane) const {
+                                          const int* __restrict__ end_k, const int* __restrict__ tiles) const {
+    setmaxnreg_dec<24>();
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
     if (lane == 0) {
       tma_prefetch_desc(tma_k);
       tma_prefetch_desc(tma_v);
@@ -468,19 +471,10 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
   const int pair = cta.pair, j = cta.j, row0 = cta.row0, row_end = cta.row_end;
   if (row0 >= row_end) return;  // an unused slot: the whole CTA leaves before any barrier
   cta.init_barriers();
-  T* smem_q = cta.res;  // [2 heads][64][D]
-  T* smem_kv = cta.kv;
-  int* smem_ek = cta.ek;
-  int4* smem_hdr = cta.hdr;
-  u64* bar_full = cta.full;
-  u64* bar_empty = cta.empty;
 
   if (wg == 0) {
-    setmaxnreg_dec<24>();
-    if (warp == 0) {
-      const TmaDesc* const maps[2] = {&tma_q, &tma_q};
-      cta.produce(maps, &tma_k, &tma_v, end_k, tiles, lane);
-    }
+    const TmaDesc* const maps[2] = {&tma_q, &tma_q};
+    cta.produce(maps, &tma_k, &tma_v, end_k, tiles);
     return;
   }
 
@@ -497,7 +491,7 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
   mbar_wait(cta.bar_res, 0);
   u32 qf[D / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, Tile>(qf[kk], smem_q + cw * Cfg::kTileElems, 16 * w4, kk, lane);
+  for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, Tile>(qf[kk], cta.res + cw * Cfg::kTileElems, 16 * w4, kk, lane);
 
   // The tiles' steps are software-pipelined: tile t's P V runs during tile t + 1's softmax, so a
   // stage is released one step later.
@@ -509,22 +503,22 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
   int count = 0, held = -1;
   for (int t = 0;; ++t) {
     const int stage = t % S;
-    mbar_wait(bar_full + stage, (t / S) & 1);
-    const int4 hdr = smem_hdr[stage];
+    mbar_wait(cta.full + stage, (t / S) & 1);
+    const int4 hdr = cta.hdr[stage];
     if (!hdr.z) break;
     ++count;
-    const int* ek = smem_ek + stage * kTile;
+    const int* ek = cta.ek + stage * kTile;
     auto tile_vis = [&](unsigned long long (&vis)[2]) { dfs_tile_vis(vis, ek, hdr.x, row_c, sq_row, c4); };
-    const T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
+    const T* sk = cta.kv + 2 * stage * Cfg::kTileElems;
     wg_attention_step_pipelined<T, D>(st, pend, qf, smem_addr(sk), smem_addr(sk + Cfg::kTileElems), hdr.y != 0,
                                       tile_vis, scale_log2, lane);
     __syncwarp();
-    if (held >= 0 && lane == 0) mbar_arrive(bar_empty + held);
+    if (held >= 0 && lane == 0) mbar_arrive(cta.empty + held);
     held = stage;
   }
   wg_attention_flush<T, D>(st, pend);
   __syncwarp();
-  if (held >= 0 && lane == 0) mbar_arrive(bar_empty + held);
+  if (held >= 0 && lane == 0) mbar_arrive(cta.empty + held);
   if (visited != nullptr && w4 == 0 && lane == 0) visited[static_cast<i64>(j) * num_heads + h] = count;
 
   // Normalise; store o and the natural-log lse of the owned rows.
@@ -1118,19 +1112,10 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
   const int pair = cta.pair, row0 = cta.row0, row_end = cta.row_end;
   if (row0 >= row_end) return;
   cta.init_barriers();
-  T* smem_res = cta.res;  // Q of heads 0, 1, dO of heads 0, 1
-  T* smem_kv = cta.kv;
-  int* smem_ek = cta.ek;
-  int4* smem_hdr = cta.hdr;
-  u64* bar_full = cta.full;
-  u64* bar_empty = cta.empty;
 
   if (wg == 0) {
-    setmaxnreg_dec<24>();
-    if (warp == 0) {
-      const TmaDesc* const maps[2] = {&tma_q, &tma_do};
-      cta.produce(maps, &tma_k, &tma_v, end_k, tiles, lane);
-    }
+    const TmaDesc* const maps[2] = {&tma_q, &tma_do};
+    cta.produce(maps, &tma_k, &tma_v, end_k, tiles);
     return;
   }
 
@@ -1148,8 +1133,8 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
     lse2[r] = l == neg_inf() ? pos_inf() : l * kLog2e;
     dlt[r] = row < row_end ? delta[static_cast<i64>(row) * num_heads + h] : 0.f;
   }
-  const u32 q_addr = smem_addr(smem_res + cw * Cfg::kTileElems);
-  const u32 do_addr = smem_addr(smem_res + (2 + cw) * Cfg::kTileElems);
+  const u32 q_addr = smem_addr(cta.res + cw * Cfg::kTileElems);
+  const u32 do_addr = smem_addr(cta.res + (2 + cw) * Cfg::kTileElems);
   float dq_acc[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) dq_acc[i][0] = dq_acc[i][1] = dq_acc[i][2] = dq_acc[i][3] = 0.f;
@@ -1157,10 +1142,10 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
 
   for (int t = 0;; ++t) {
     const int stage = t % S;
-    mbar_wait(bar_full + stage, (t / S) & 1);
-    const int4 hdr = smem_hdr[stage];
+    mbar_wait(cta.full + stage, (t / S) & 1);
+    const int4 hdr = cta.hdr[stage];
     if (!hdr.z) break;
-    const u32 k_addr = smem_addr(smem_kv + 2 * stage * Cfg::kTileElems);
+    const u32 k_addr = smem_addr(cta.kv + 2 * stage * Cfg::kTileElems);
     const u32 v_addr = k_addr + Cfg::kTileElems * sizeof(T);
 
     float s[8][4], dp[8][4];
@@ -1177,7 +1162,7 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
 
     if (!hdr.y) {
       unsigned long long vis[2];
-      dfs_tile_vis(vis, smem_ek + stage * kTile, hdr.x, row_c, sq_row, c4);
+      dfs_tile_vis(vis, cta.ek + stage * kTile, hdr.x, row_c, sq_row, c4);
       mask_invisible<64>(s, vis, 0, lane);
     }
 #pragma unroll
@@ -1198,7 +1183,7 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
     wgmma_commit();
     wgmma_wait<0>();
     __syncwarp();
-    if (lane == 0) mbar_arrive(bar_empty + stage);
+    if (lane == 0) mbar_arrive(cta.empty + stage);
   }
 
 #pragma unroll

@@ -121,10 +121,15 @@ __device__ __forceinline__ float lane_row_max(const float (&s)[NB][4], int r) {
 // LAZY = false rescales at every new maximum (slack 0, no vote): for kernels with no registers to spare.
 constexpr float kRescaleSlack = 8.f;
 
-template <bool LAZY = true, int NB, int DB>
-__device__ __forceinline__ void online_softmax_step(float (&s)[NB][4], float scale_log2, float (&row_max)[2],
-                                                    float (&l)[4], float (&o_acc)[DB][4]) {
-  float rescale[2];
+// The step in three parts, for callers that must hold the rescale back (wg_step.cuh: the
+// pipelined step waits for an in-flight product of O first):
+//   softmax_new_max   new reference maxima and the state's rescale factors; returns whether any row
+//                     of the warp moved its reference (warp-uniform; always true when !LAZY);
+//   softmax_rescale   multiply l and O by those factors;
+//   softmax_exp       scores -> probabilities against the references.
+template <bool LAZY = true, int NB>
+__device__ __forceinline__ bool softmax_new_max(const float (&s)[NB][4], float scale_log2, float (&row_max)[2],
+                                                float (&rescale)[2]) {
   bool grow_any = false;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -134,15 +139,22 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[NB][4], float sca
     row_max[r] = grow ? mx : row_max[r];
     grow_any |= grow;
   }
-  if (!LAZY || __any_sync(0xffffffffu, grow_any)) {
+  return !LAZY || __any_sync(0xffffffffu, grow_any);
+}
+
+template <int DB>
+__device__ __forceinline__ void softmax_rescale(const float (&rescale)[2], float (&l)[4], float (&o_acc)[DB][4]) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) l[e] *= rescale[e / 2];
+  for (int e = 0; e < 4; ++e) l[e] *= rescale[e / 2];
 #pragma unroll
-    for (int i = 0; i < DB; ++i) {
+  for (int i = 0; i < DB; ++i) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) o_acc[i][e] *= rescale[e / 2];
-    }
+    for (int e = 0; e < 4; ++e) o_acc[i][e] *= rescale[e / 2];
   }
+}
+
+template <int NB>
+__device__ __forceinline__ void softmax_exp(float (&s)[NB][4], float scale_log2, const float (&row_max)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float neg_base = row_max[r] == neg_inf() ? 0.f : -row_max[r];
@@ -152,6 +164,14 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[NB][4], float sca
       s[j][2 * r + 1] = fast_exp2(fmaf(s[j][2 * r + 1], scale_log2, neg_base));
     }
   }
+}
+
+template <bool LAZY = true, int NB, int DB>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NB][4], float scale_log2, float (&row_max)[2],
+                                                    float (&l)[4], float (&o_acc)[DB][4]) {
+  float rescale[2];
+  if (softmax_new_max<LAZY>(s, scale_log2, row_max, rescale)) softmax_rescale(rescale, l, o_acc);
+  softmax_exp(s, scale_log2, row_max);
 }
 
 }  // namespace ft

@@ -42,6 +42,24 @@ __device__ __forceinline__ void mask_invisible(float (&s)[KW / 8][4], const unsi
   }
 }
 
+// Issue S (64 x 64) = Q K^T (Q as register A fragments, K at shared-memory address k) as one group.
+template <typename T, int D>
+__device__ __forceinline__ void wg_issue_scores(float (&s)[8][4], const u32 (&q)[D / 16][4], u32 k) {
+  using Tile = WgTile<D, 64>;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 64>(s, q[kk], Tile::kmajor_desc(k, kk), kk);
+  wgmma_commit();
+}
+
+// Issue O (64 x D) += P V (P as register A fragments of 64 keys, V at shared-memory address v) as one group.
+template <typename T, int D>
+__device__ __forceinline__ void wg_issue_pv(float (&o)[D / 8][4], const u32 (&p)[4][4], u32 v) {
+  using Tile = WgTile<D, 64>;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(o, p[kk], Tile::mnmajor_desc(v, kk));
+  wgmma_commit();
+}
+
 // One 64-key softmax step of a 64-row tile on the warpgroup's tensor cores (wgmma, sm_90a): the 4
 // warps issue S (64 x 64) = Q K^T together (Q from registers: q holds this warp's 16 rows as A
 // fragments; K from shared memory), each warp then runs the softmax of its 16 rows on its
@@ -52,12 +70,9 @@ __device__ __forceinline__ void mask_invisible(float (&s)[KW / 8][4], const unsi
 template <typename T, int D, typename VisFn>
 __device__ __forceinline__ void wg_attention_step(RowState<D>& st, const u32 (&q)[D / 16][4], u32 k, u32 v,
                                                   bool full, VisFn tile_vis, float scale_log2, int lane) {
-  using Tile = WgTile<D, 64>;
   float s[8][4];
   wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 64>(s, q[kk], Tile::kmajor_desc(k, kk), kk);
-  wgmma_commit();
+  wg_issue_scores<T, D>(s, q, k);
   wgmma_wait<0>();
 
   if (!full) {  // the bits are read only now: no registers held across the product
@@ -74,9 +89,7 @@ __device__ __forceinline__ void wg_attention_step(RowState<D>& st, const u32 (&q
     mma_row_sum<T>(st.l_acc, p[kk]);
   }
   wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(st.o_acc, p[kk], Tile::mnmajor_desc(v, kk));
-  wgmma_commit();
+  wg_issue_pv<T, D>(st.o_acc, p, v);
   wgmma_wait<0>();
 }
 
@@ -97,16 +110,11 @@ template <typename T, int D, typename VisFn>
 __device__ __forceinline__ void wg_attention_step_pipelined(RowState<D>& st, PendingPV& pend, const u32 (&q)[D / 16][4],
                                                             u32 k, u32 v, bool full, VisFn tile_vis, float scale_log2,
                                                             int lane) {
-  using Tile = WgTile<D, 64>;
   float s[8][4];
   wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 64>(s, q[kk], Tile::kmajor_desc(k, kk), kk);
-  wgmma_commit();
+  wg_issue_scores<T, D>(s, q, k);
   if (pend.valid) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(st.o_acc, pend.p[kk], Tile::mnmajor_desc(pend.v, kk));
-    wgmma_commit();
+    wg_issue_pv<T, D>(st.o_acc, pend.p, pend.v);
     wgmma_wait<1>();  // S is in; P V may still run
   } else {
     wgmma_wait<0>();
@@ -117,36 +125,12 @@ __device__ __forceinline__ void wg_attention_step_pipelined(RowState<D>& st, Pen
     tile_vis(vis);
     mask_invisible<64>(s, vis, 0, lane);
   }
-  // online_softmax_step with the O rescale held back until the pending product is done.
   float rescale[2];
-  bool grow_any = false;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float mx = quad_max(lane_row_max(s, r)) * scale_log2;
-    const bool grow = mx > st.row_max[r] + kRescaleSlack;
-    rescale[r] = grow ? fast_exp2(st.row_max[r] - mx) : 1.f;
-    st.row_max[r] = grow ? mx : st.row_max[r];
-    grow_any |= grow;
-  }
-  if (__any_sync(0xffffffffu, grow_any)) {
+  if (softmax_new_max(s, scale_log2, st.row_max, rescale)) {  // rare (lazy rule): O waits for its product
     wgmma_wait<0>();
-#pragma unroll
-    for (int e = 0; e < 4; ++e) st.l_acc[e] *= rescale[e / 2];
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st.o_acc[i][e] *= rescale[e / 2];
-    }
+    softmax_rescale(rescale, st.l_acc, st.o_acc);
   }
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float neg_base = st.row_max[r] == neg_inf() ? 0.f : -st.row_max[r];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      s[j][2 * r] = fast_exp2(fmaf(s[j][2 * r], scale_log2, neg_base));
-      s[j][2 * r + 1] = fast_exp2(fmaf(s[j][2 * r + 1], scale_log2, neg_base));
-    }
-  }
+  softmax_exp(s, scale_log2, st.row_max);
   wgmma_wait<0>();  // P_{n-1} V_{n-1} is done: its registers and its stage are free
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
@@ -160,12 +144,9 @@ __device__ __forceinline__ void wg_attention_step_pipelined(RowState<D>& st, Pen
 // Issue the last pending product of wg_attention_step_pipelined and wait for it.
 template <typename T, int D>
 __device__ __forceinline__ void wg_attention_flush(RowState<D>& st, PendingPV& pend) {
-  using Tile = WgTile<D, 64>;
   if (!pend.valid) return;
   wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(st.o_acc, pend.p[kk], Tile::mnmajor_desc(pend.v, kk));
-  wgmma_commit();
+  wg_issue_pv<T, D>(st.o_acc, pend.p, pend.v);
   wgmma_wait<0>();
   pend.valid = false;
 }
