@@ -52,6 +52,12 @@ constexpr int kTile = 64;          // rows of a Q tile = keys of a K tile
 constexpr int kMeta = 8;           // ints per slot in the tile table
 constexpr int kIntMax = 0x7fffffff;
 constexpr int kIntMin = -kIntMax - 1;
+// setmaxnreg of the warp-specialised Q-tile kernels (DfsPairCta, 384 threads at 168 registers): the
+// producer warpgroup keeps 40 registers per thread (its walk loads the next tile's end_k before the
+// stage wait), the two consumer warpgroups get 232 (128 * 40 + 256 * 232 <= 384 * 168). The dK/dV
+// kernel's consumers need 240, so its producer keeps 24.
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
 
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 
@@ -318,10 +324,33 @@ struct DfsWsConfig {
   static constexpr int kBytes = kTileBytes + kStages * (kTile * 4 + 16) + (2 * kStages + 1) * 8;
 };
 
-// The producer warp of the Q-tile kernels: walk K tiles j, prev_visible(j), ... of Q tile j (rows
-// row0..row_end, start_q range [q_min_s, q_max_s]) and fill ring stage t % S with tile t: K and V by
-// TMA (KV head hk) and the tile's end_k by the lanes, each lane arriving on `full` (count 32; lane
-// 0 with the copies' bytes, after its stores). The stage after the last tile gets valid = 0.
+// A producer warp's step through the tile table: the first tile from `from` on, in steps of DIR
+// (+1 or -1) and not past `last`, that `test(row, visible, full)` finds visible, and whether it is
+// fully visible; last + DIR when there is none. Lane l tests candidate from + DIR (32 r + l) and a
+// ballot keeps the visible ones, so a run of invisible tiles costs one round trip per 32 tiles, not
+// one per tile. Every lane gets the result.
+template <int DIR, typename Test>
+__device__ __forceinline__ int dfs_next_visible(const int* __restrict__ tiles, int from, int last, int lane,
+                                                bool& full, Test test) {
+  for (int base = from; DIR * (base - last) <= 0; base += 32 * DIR) {
+    const int cand = base + DIR * lane;
+    bool v = false, f = false;
+    if (DIR * (cand - last) <= 0) test(tiles + static_cast<i64>(cand) * kMeta, v, f);
+    const u32 vis = __ballot_sync(0xffffffffu, v);
+    if (vis != 0u) {
+      const int l = __ffs(vis) - 1;
+      full = (__ballot_sync(0xffffffffu, f) >> l) & 1u;
+      return base + DIR * l;
+    }
+  }
+  return last + DIR;
+}
+
+// The producer warp of the Q-tile kernels: walk K tiles j, then the earlier visible ones, of Q tile
+// j (rows row0..row_end, start_q range [q_min_s, q_max_s]) and fill ring stage t % S with tile t: K
+// and V by TMA (KV head hk) and the tile's end_k by the lanes, each lane arriving on `full` (count
+// 32; lane 0 with the copies' bytes, after its stores). The stage after the last tile gets valid =
+// 0. The next tile is found, and its end_k values are loaded, before the wait for this tile's stage.
 template <typename T, int D, int S>
 __device__ __forceinline__ void dfs_kv_producer(const TmaDesc* tma_k, const TmaDesc* tma_v, T* smem_kv,
                                                 int* smem_ek, int4* smem_hdr, u64* bar_full, u64* bar_empty,
@@ -329,9 +358,22 @@ __device__ __forceinline__ void dfs_kv_producer(const TmaDesc* tma_k, const TmaD
                                                 int row0, int row_end, int first_slot, int q_min_s, int q_max_s,
                                                 int hk, int lane) {
   constexpr u32 kTileTx = 2 * kTile * D * sizeof(T);  // K and V
-  int jk = j;
+  const auto test = [q_min_s, q_max_s](const int* meta, bool& v, bool& f) {
+    v = meta[7] >= q_min_s;
+    f = meta[6] >= q_max_s;  // every key visible to every row
+  };
+  auto ek_of = [&](int jk, int r) {
+    const int key0 = row0 - kTile * (j - jk), key_end = jk == j ? row_end : key0 + kTile;
+    return jk < first_slot ? 0 : end_k[min(key0 + 32 * r + lane, key_end - 1)];
+  };
+  int jk = j;  // the diagonal tile: always visible, never full
+  bool full = false;
+  int ek0 = ek_of(jk, 0), ek1 = ek_of(jk, 1);
   for (int t = 0;; ++t) {
     const int stage = t % S;
+    bool full_n;
+    const int jn = jk < first_slot ? jk : dfs_next_visible<-1>(tiles, jk - 1, first_slot, lane, full_n, test);
+    const int ek0_n = ek_of(jn, 0), ek1_n = ek_of(jn, 1);
     if (t >= S) mbar_wait(bar_empty + stage, (t / S - 1) & 1);
     if (jk < first_slot) {  // the walk is over: an invalid stage tells the consumers
       if (lane == 0) smem_hdr[stage] = make_int4(0, 0, 0, 0);
@@ -339,10 +381,6 @@ __device__ __forceinline__ void dfs_kv_producer(const TmaDesc* tma_k, const TmaD
       return;
     }
     const int key0 = row0 - kTile * (j - jk);
-    const int key_end = jk == j ? row_end : key0 + kTile;
-    const int ek0 = end_k[min(key0 + lane, key_end - 1)];
-    const int ek1 = end_k[min(key0 + 32 + lane, key_end - 1)];
-    const bool full = jk < j && tiles[static_cast<i64>(jk) * kMeta + 6] >= q_max_s;
     smem_ek[stage * kTile + lane] = ek0;  // each lane publishes its own stores by its arrival
     smem_ek[stage * kTile + 32 + lane] = ek1;
     if (lane != 0) mbar_arrive(bar_full + stage);
@@ -355,7 +393,7 @@ __device__ __forceinline__ void dfs_kv_producer(const TmaDesc* tma_k, const TmaD
         tma_load_3d(smem_addr(sk + kTile * D + c * kTile * 64), tma_v, 64 * c, hk, key0, bar_full + stage);
       }
     }
-    jk = prev_visible(tiles, jk, first_slot, q_min_s);
+    jk = jn, full = full_n, ek0 = ek0_n, ek1 = ek1_n;
   }
 }
 
@@ -436,11 +474,11 @@ struct DfsPairCta {
     }
     __syncthreads();
   }
-  // Warpgroup 0: it gives its registers to the consumers (setmaxnreg 24 / 240) and its first warp
-  // produces: the resident tiles (one map per kind), then the K/V walk.
+  // Warpgroup 0: it gives its registers to the consumers (kProducerRegs / kConsumerRegs) and its
+  // first warp produces: the resident tiles (one map per kind), then the K/V walk.
   __device__ __forceinline__ void produce(const TmaDesc* const (&maps)[2], const TmaDesc* tma_k, const TmaDesc* tma_v,
                                           const int* __restrict__ end_k, const int* __restrict__ tiles) const {
-    setmaxnreg_dec<24>();
+    setmaxnreg_dec<kProducerRegs>();
     if (threadIdx.x >= 32) return;
     const int lane = threadIdx.x;
     if (lane == 0) {
@@ -479,7 +517,7 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
   }
 
   // Consumers: warpgroup cw runs head 2 pair + cw, rows row0 + 16 w4 + g (+ 8).
-  setmaxnreg_inc<240>();
+  setmaxnreg_inc<kConsumerRegs>();
   const int cw = wg - 1, w4 = warp % 4, g = lane / 4, c4 = lane % 4;
   const int h = 2 * pair + cw;
   int row_c[2], sq_row[2];
@@ -883,7 +921,7 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
   const int num_kv_heads = num_heads / group;
   const int hk = blockIdx.x % num_kv_heads, j = static_cast<int>(blockIdx.x / num_kv_heads);
   const int* meta = tiles + static_cast<i64>(j) * kMeta;
-  const int key0 = meta[0], key_end = meta[1], seq_end = meta[3], k_min_e = meta[6], k_max_e = meta[7];
+  const int key0 = meta[0], key_end = meta[1], seq_end = meta[3];
   if (key0 >= key_end) return;  // an unused slot: the whole CTA leaves before any barrier
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
@@ -909,14 +947,16 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
       }
     }
     const int last = min(j + (seq_end - key0 + kTile - 1) / kTile - 1, num_slots - 1);
+    const auto test = [tiles, j](const int* qmeta, bool& v, bool& f) {
+      const int* kmeta = tiles + static_cast<i64>(j) * kMeta;  // reread: the warp has 24 registers
+      v = qmeta[4] <= kmeta[7];  // some query of tile i sees some key here
+      f = kmeta[6] >= qmeta[5];  // every query sees every key
+    };
     int t = 0;
-    for (int i = j; i <= last + 2; ++i) {  // i > last: the two closing stages
-      const bool closing = i > last;
-      const int* qmeta = tiles + static_cast<i64>(closing ? j : i) * kMeta;
-      if (!closing && i > j && qmeta[4] > k_max_e) continue;  // no query of tile i sees any key here
-      const bool full = i > j && k_min_e >= qmeta[5];
+    bool full = false;  // the diagonal tile: it sees itself, never fully
+    for (int i = j; i <= last; i = dfs_next_visible<1>(tiles, i + 1, last, lane, full, test)) {
       const int qrow0 = key0 + kTile * (i - j), q_end = min(qrow0 + kTile, seq_end);
-      for (int gi = 0; gi < (closing ? 1 : group); ++gi, ++t) {
+      for (int gi = 0; gi < group; ++gi, ++t) {
         const int stage = t % S, h = hk * group + gi;
         // The rows' values load before the stage wait; the copies start before they are stored.
         float l2[2], dl[2];
@@ -924,18 +964,13 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int row = qrow0 + lane + 32 * half;
-          const bool ok = !closing && row < q_end;
+          const bool ok = row < q_end;
           const float l = ok ? lse[static_cast<i64>(row) * num_heads + h] : neg_inf();
           l2[half] = l == neg_inf() ? pos_inf() : l * kLog2e;  // a row that sees nothing: P = 0
           dl[half] = ok ? delta[static_cast<i64>(row) * num_heads + h] : 0.f;
           sqv[half] = ok ? start_q[row] : kIntMax;
         }
         if (t >= S) mbar_wait(bar_empty + stage, (t / S - 1) & 1);
-        if (closing) {
-          if (lane == 0) smem_hdr[stage] = make_int4(0, 0, 0, 0);
-          mbar_arrive(bar_full + stage);
-          continue;
-        }
         if (lane == 0) {
           smem_hdr[stage] = make_int4(qrow0, full, 1, 0);
           mbar_expect_tx(bar_full + stage, kItemTx);
@@ -956,6 +991,12 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
         }
         mbar_arrive(bar_full + stage);  // each lane publishes its own stores
       }
+    }
+    for (int c = 0; c < 2; ++c, ++t) {  // the two closing stages, one for each consumer
+      const int stage = t % S;
+      if (t >= S) mbar_wait(bar_empty + stage, (t / S - 1) & 1);
+      if (lane == 0) smem_hdr[stage] = make_int4(0, 0, 0, 0);
+      mbar_arrive(bar_full + stage);
     }
     return;
   }
@@ -1119,7 +1160,7 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
     return;
   }
 
-  setmaxnreg_inc<240>();
+  setmaxnreg_inc<kConsumerRegs>();
   const int cw = wg - 1, w4 = warp % 4, g = lane / 4, c4 = lane % 4;
   const int h = 2 * pair + cw;
   int row_c[2], sq_row[2];
