@@ -25,7 +25,11 @@ consumer warpgroups run two query heads of the KV group on wgmma over the same t
 (``dfs_fwd_ws_kernel``); elsewhere the portable mma.sync kernel. Under the same condition the
 backward runs ``dfs_bwd_dkdv_ws_kernel`` (one K/V tile per CTA; the producer copies each (Q tile,
 head) item's Q and dO; the two consumers take alternate items) and ``dfs_bwd_dq_ws_kernel`` (the
-forward's shape, Q and dO resident).
+forward's shape, Q and dO resident). The forward and dQ kernels are persistent: one CTA per SM takes
+(Q tile, pair of heads) items, longest rows first, from an atomic counter zeroed before the launch,
+and its producer walks the next item's tiles into the same ring while the consumers finish the
+current one. Each item is computed by one CTA in a fixed order, so results stay bitwise
+deterministic. Producers find the next visible tile with one warp ballot over 32 table rows.
 
 Backward, deterministic without atomics: ``delta = rowsum(dO * O) - dlse`` (pre-pass); kernel A per
 (K tile, KV head) loops over the Q tiles that see it and over the G query heads of the group,
@@ -114,27 +118,30 @@ def fwd_smem(head_dim: int) -> int:
     return 2 * (TILE * head_dim + 2 * 2 * TILE * head_dim)
 
 
-def _ws_smem(head_dim: int, resident: int, stages: int, per_stage: int) -> int:
+def _ws_smem(head_dim: int, resident: int, stages: int, per_stage: int, tail: int) -> int:
     """A warp-specialised kernel's shared memory: `resident` [64][D] 16-bit tiles and a ring of
     `stages` stages of two tiles (a DfsWsConfig / DfsDkdvWsConfig's kBytes), `per_stage` more bytes
-    per stage (row values and a 16-byte header), the full/empty mbarriers and one more; 1 KB more to
-    start the tiles on a 1024-byte boundary."""
-    return 2 * (resident + 2 * stages) * TILE * head_dim + stages * per_stage + (2 * stages + 1) * 8 + 1024
+    per stage (row values and a 16-byte header), the full/empty mbarriers and `tail` more bytes; 1 KB
+    more to start the tiles on a 1024-byte boundary."""
+    return 2 * (resident + 2 * stages) * TILE * head_dim + stages * per_stage + 2 * stages * 8 + tail + 1024
+
+
+_PAIR_TAIL = 2 * 8 + 8 * 4  # DfsPairCta: the res_full / res_free mbarriers and the published item
 
 
 def fwd_ws_smem(head_dim: int) -> int:
     """dfs_fwd_ws_kernel: Q of 2 heads, 5 stages of K + V with their 64 end_k."""
-    return _ws_smem(head_dim, 2, _WS_STAGES, 4 * TILE + 16)
+    return _ws_smem(head_dim, 2, _WS_STAGES, 4 * TILE + 16, _PAIR_TAIL)
 
 
 def dq_ws_smem(head_dim: int) -> int:
     """dfs_bwd_dq_ws_kernel: Q and dO of 2 heads, 4 stages of K + V with their 64 end_k."""
-    return _ws_smem(head_dim, 4, 4, 4 * TILE + 16)
+    return _ws_smem(head_dim, 4, 4, 4 * TILE + 16, _PAIR_TAIL)
 
 
 def dkdv_ws_smem(head_dim: int) -> int:
     """dfs_bwd_dkdv_ws_kernel: K and V, 5 stages of Q + dO with their rows' lse, delta and start_q."""
-    return _ws_smem(head_dim, 2, 5, 3 * 4 * TILE + 16)
+    return _ws_smem(head_dim, 2, 5, 3 * 4 * TILE + 16, 8)
 
 
 _WS_STAGES = 5  # DfsWsConfig::kStages
@@ -194,9 +201,9 @@ def _launch_tiles(cu_seqlens, start_q, end_k, tiles) -> None:
             np.int32(start_q.shape[0]), _ptr(tiles), np.int32(slots)))
 
 
-_WS_TAIL = _jit.param_layout("QQQi Qqq QQ iif")  # dfs_fwd_ws_kernel's parameters after its 3 tensor maps
+_WS_TAIL = _jit.param_layout("QQQQi Qqq QQ iif")  # dfs_fwd_ws_kernel's parameters after its 3 tensor maps
 _DKDV_WS_TAIL = _jit.param_layout("QQQQQi Qqq Qqq iiff")  # dfs_bwd_dkdv_ws_kernel's after its 4
-_DQ_WS_TAIL = _jit.param_layout("QQQQQi Qqq iiff")  # dfs_bwd_dq_ws_kernel's after its 4
+_DQ_WS_TAIL = _jit.param_layout("QQQQQQi Qqq iiff")  # dfs_bwd_dq_ws_kernel's after its 4
 _ws_layouts: dict[int, struct.Struct] = {}
 
 
@@ -214,15 +221,22 @@ def _ws_layout(kernel, maps: int, tail: struct.Struct) -> struct.Struct:
     return layout
 
 
+def _pair_grid(num_heads: int, slots: int, device: torch.device) -> int:
+    """The persistent grid of dfs_fwd_ws_kernel and dfs_bwd_dq_ws_kernel: one CTA per SM (their
+    shared memory allows one), at most one per (Q tile, pair of heads) item."""
+    return max(1, min(num_heads // 2 * slots, _jit.num_sms(device)))
+
+
 def _launch_fwd(q, k, v, start_q, end_k, tiles, o, lse, scale, visited) -> None:
     n, h, d = q.shape
     if use_ws_forward(q, k):
         kernel = _jit.get_kernel(fwd_ws_spec(q.dtype, d), q.device)
         box = (64, 1, TILE)  # 64 columns of one head, 64 rows: a WgTile column block
+        work = torch.zeros(1, dtype=torch.int32, device=q.device)  # the item counter
         kernel.launch(
-            (h // 2 * tiles.shape[0], 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel, 3, _WS_TAIL),
+            (_pair_grid(h, tiles.shape[0], q.device), 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel, 3, _WS_TAIL),
             (tma.swizzled_map(q, box), tma.swizzled_map(k, box), tma.swizzled_map(v, box),
-             start_q.data_ptr(), end_k.data_ptr(), tiles.data_ptr(), tiles.shape[0],
+             start_q.data_ptr(), end_k.data_ptr(), tiles.data_ptr(), work.data_ptr(), tiles.shape[0],
              o.data_ptr(), *o.stride()[:2], lse.data_ptr(), visited.data_ptr() if visited is not None else 0,
              h, h // k.shape[1], scale * math.log2(math.e)),
             smem=fwd_ws_smem(d))
@@ -275,8 +289,10 @@ def _launch_bwd_ws(do, q, k, v, lse, start_q, end_k, tiles, dq, dk, dv, delta, s
                   maps + rows + (dk.data_ptr(), *dk.stride()[:2], dv.data_ptr(), *dv.stride()[:2]) + tail,
                   smem=dkdv_ws_smem(d))
     kernel = _jit.get_kernel(bwd_ws_spec("dq", q.dtype, d), q.device)
-    kernel.launch((h // 2 * slots, 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel, 4, _DQ_WS_TAIL),
-                  maps + rows + (dq.data_ptr(), *dq.stride()[:2]) + tail, smem=dq_ws_smem(d))
+    work = torch.zeros(1, dtype=torch.int32, device=q.device)  # the item counter
+    kernel.launch((_pair_grid(h, slots, q.device), 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel, 4, _DQ_WS_TAIL),
+                  maps + rows[:-1] + (work.data_ptr(), slots, dq.data_ptr(), *dq.stride()[:2]) + tail,
+                  smem=dq_ws_smem(d))
 
 
 # ---------------------------------------------------------------------------------- the ops

@@ -18,8 +18,8 @@
 //                        run together and share K/V in L2; long rows first).
 //                        smem = 2 * (64 D + 2 stages * 2 * 64 D) bytes; K/V by cp.async, double-buffered.
 //   dfs_fwd_ws_kernel    the forward on compute capability 9.0 when G is even (sm_90a): 384 threads,
-//                        grid (H / 2) * slots, two query heads per CTA sharing each K/V tile (TMA
-//                        copies, wgmma; its section below).
+//                        a persistent grid over (H / 2) * slots items, two query heads per item
+//                        sharing each K/V tile (TMA copies, wgmma; its section below).
 //   dfs_bwd_delta_kernel delta[i, h] = sum_d dO[i, h, d] O[i, h, d] - dlse[i, h]; grid over N * H rows.
 //   dfs_bwd_dkdv_kernel  grid Hkv * slots (slot = x / Hkv, ascending): one K tile and KV head; loops
 //                        over the Q tiles that see it and the G query heads of the group (a fixed
@@ -309,9 +309,14 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
 // end_k values and its (key0, full, valid) header; warpgroups 1 and 2 (the consumers) run heads 2 p
 // and 2 p + 1 of the pair over the same tiles on wgmma (wg_attention_step_pipelined: S in registers,
 // Q as register A fragments, tile t's P V during tile t + 1's softmax), so each K/V tile crosses
-// L2 -> SM once for two heads. A stage with valid = 0
-// ends the walk. Rows and keys past the tile (another sequence, or past N: zeros) are computed and
-// masked, never stored. grid = (H / 2) * slots: pair = x % (H / 2), slot = slots - 1 - x / (H / 2).
+// L2 -> SM once for two heads. A stage with valid = 0 ends the walk. Rows and keys past the tile
+// (another sequence, or past N: zeros) are computed and masked, never stored.
+// Persistent CTAs: grid = min(items, SMs), items x = 0 .. (H / 2) * slots - 1 (pair = x % (H / 2),
+// slot = slots - 1 - x / (H / 2): long rows first) handed out by an atomic counter (`work`, zero
+// before the launch), so a CTA's next item starts as soon as it is free (greedy, not a fixed
+// round robin). The producer takes the next item, publishes it in shared memory with its resident
+// tiles (barrier `res`, one phase per item, freed by the consumers through `res_free`), and walks
+// its K/V tiles into the same ring, so the next item's first tiles load during this item's last.
 // dfs_bwd_dq_ws_kernel (backward, below) has the same shape with Q and dO of both heads resident.
 template <int D, int PER_HEAD, int STAGES>
 struct DfsWsConfig {
@@ -319,9 +324,9 @@ struct DfsWsConfig {
   static constexpr int kTileElems = kTile * D;
   // PER_HEAD resident tiles of each of the 2 heads (Q; Q and dO), then the K/V ring.
   static constexpr int kTileBytes = (2 * PER_HEAD + 2 * kStages) * kTileElems * 2;
-  // Then per stage 64 end_k (int) and a header int4; the full/empty mbarriers and the resident
-  // tiles' (host: the same sum, plus 1 KB for the alignment).
-  static constexpr int kBytes = kTileBytes + kStages * (kTile * 4 + 16) + (2 * kStages + 1) * 8;
+  // Then per stage 64 end_k (int) and a header int4; the full/empty mbarriers, the resident tiles'
+  // (res, res_free) and the published item (8 ints) (host: the same sum, plus 1 KB for the alignment).
+  static constexpr int kBytes = kTileBytes + kStages * (kTile * 4 + 16) + (2 * kStages + 2) * 8 + 8 * 4;
 };
 
 // A producer warp's step through the tile table: the first tile from `from` on, in steps of DIR
@@ -351,12 +356,14 @@ __device__ __forceinline__ int dfs_next_visible(const int* __restrict__ tiles, i
 // and V by TMA (KV head hk) and the tile's end_k by the lanes, each lane arriving on `full` (count
 // 32; lane 0 with the copies' bytes, after its stores). The stage after the last tile gets valid =
 // 0. The next tile is found, and its end_k values are loaded, before the wait for this tile's stage.
+// t counts the ring's stages over the CTA's items: the walk starts at stage t and leaves t past its
+// closing stage.
 template <typename T, int D, int S>
 __device__ __forceinline__ void dfs_kv_producer(const TmaDesc* tma_k, const TmaDesc* tma_v, T* smem_kv,
                                                 int* smem_ek, int4* smem_hdr, u64* bar_full, u64* bar_empty,
                                                 const int* __restrict__ end_k, const int* __restrict__ tiles, int j,
                                                 int row0, int row_end, int first_slot, int q_min_s, int q_max_s,
-                                                int hk, int lane) {
+                                                int hk, int lane, int& t) {
   constexpr u32 kTileTx = 2 * kTile * D * sizeof(T);  // K and V
   const auto test = [q_min_s, q_max_s](const int* meta, bool& v, bool& f) {
     v = meta[7] >= q_min_s;
@@ -369,15 +376,16 @@ __device__ __forceinline__ void dfs_kv_producer(const TmaDesc* tma_k, const TmaD
   int jk = j;  // the diagonal tile: always visible, never full
   bool full = false;
   int ek0 = ek_of(jk, 0), ek1 = ek_of(jk, 1);
-  for (int t = 0;; ++t) {
+  for (;; ++t) {
     const int stage = t % S;
-    bool full_n;
+    bool full_n = false;
     const int jn = jk < first_slot ? jk : dfs_next_visible<-1>(tiles, jk - 1, first_slot, lane, full_n, test);
     const int ek0_n = ek_of(jn, 0), ek1_n = ek_of(jn, 1);
     if (t >= S) mbar_wait(bar_empty + stage, (t / S - 1) & 1);
     if (jk < first_slot) {  // the walk is over: an invalid stage tells the consumers
       if (lane == 0) smem_hdr[stage] = make_int4(0, 0, 0, 0);
       mbar_arrive(bar_full + stage);
+      ++t;
       return;
     }
     const int key0 = row0 - kTile * (j - jk);
@@ -430,23 +438,25 @@ __device__ __forceinline__ void dfs_load_resident(T* smem, const TmaDesc* const 
                     row0, bar);
 }
 
-// The shared setup of the two kernels with a CTA per (Q tile, pair of query heads): its tile and
-// heads, its shared memory (PER_HEAD resident tiles per head, then the K/V ring of S stages with
-// end_k and headers, then the mbarriers), the barriers' initialisation and the producer warp.
+// The shared setup of the two persistent kernels over (Q tile, pair of query heads) items: their
+// shared memory (PER_HEAD resident tiles per head, then the K/V ring of S stages with end_k and
+// headers, then the mbarriers and the published item), the barriers' initialisation, the producer
+// warp and the consumers' view of the current item.
 template <typename T, int D, int PER_HEAD, int S>
 struct DfsPairCta {
   using Cfg = DfsWsConfig<D, PER_HEAD, S>;
-  T* res;        // resident tile m of head hh at (2 m + hh) * 64 D
-  T* kv;         // stage s: K at 2 s, V at 2 s + 1
-  int* ek;       // [S][64]
-  int4* hdr;     // [S] (key0, full, valid, -)
-  u64* full;     // [S]
-  u64* empty;    // [S]
-  u64* bar_res;  // the resident tiles
-  int pair, hk, j, row0, row_end, first_slot, q_min_s, q_max_s;
+  T* res;         // resident tile m of head hh at (2 m + hh) * 64 D
+  T* kv;          // stage s: K at 2 s, V at 2 s + 1
+  int* ek;        // [S][64]
+  int4* hdr;      // [S] (key0, full, valid, -)
+  u64* full;      // [S]
+  u64* empty;     // [S]
+  u64* res_full;  // the resident tiles and the item have landed (one phase per item)
+  u64* res_free;  // the consumers are done with them
+  int* item;      // the published item: x (< 0: no more), pair, j, row0, row_end, first_slot, q_min_s, q_max_s
+  int pair, hk, j, row0, row_end, first_slot, q_min_s, q_max_s;  // the current item
 
-  __device__ __forceinline__ DfsPairCta(unsigned char* smem_raw, const int* __restrict__ tiles, int num_slots,
-                                        int num_heads, int group) {
+  __device__ __forceinline__ explicit DfsPairCta(unsigned char* smem_raw) {
     unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the host adds 1 KB
     res = reinterpret_cast<T*>(base);
     kv = res + 2 * PER_HEAD * Cfg::kTileElems;
@@ -454,40 +464,79 @@ struct DfsPairCta {
     hdr = reinterpret_cast<int4*>(ek + S * kTile);
     full = reinterpret_cast<u64*>(hdr + S);
     empty = full + S;
-    bar_res = empty + S;
-    const int pairs = num_heads / 2;
-    pair = blockIdx.x % pairs;
-    hk = 2 * pair / group;
-    j = num_slots - 1 - static_cast<int>(blockIdx.x / pairs);
-    const int* meta = tiles + static_cast<i64>(j) * kMeta;
-    row0 = meta[0], row_end = meta[1], first_slot = meta[2], q_min_s = meta[4], q_max_s = meta[5];
+    res_full = empty + S;
+    res_free = res_full + 1;
+    item = reinterpret_cast<int*>(res_free + 1);
   }
-  // By the whole CTA (after the unused-slot exit): the producer warp's lanes fill a stage (count
-  // 32), the consumers' 8 warps empty it, one arrival with the resident tiles' bytes.
+  // By the whole CTA: the producer warp's lanes fill a stage (count 32), every thread of the two
+  // consumer warpgroups empties it after its own reads (count 256; arrivals after a __syncwarp by
+  // one lane per warp measured slower and racecheck does not see them), the same for the resident
+  // tiles, one arrival (with the bytes) publishes an item.
   __device__ __forceinline__ void init_barriers() const {
     if (threadIdx.x == 0) {
       for (int s = 0; s < S; ++s) {
         mbar_init(full + s, 32);
-        mbar_init(empty + s, 8);
+        mbar_init(empty + s, 256);
       }
-      mbar_init(bar_res, 1);
+      mbar_init(res_full, 1);
+      mbar_init(res_free, 256);
     }
     __syncthreads();
   }
+  // Item x's fields from the tile table; false for an unused slot.
+  __device__ __forceinline__ bool set_item(const int* __restrict__ tiles, int x, int num_slots, int num_heads,
+                                           int group) {
+    const int pairs = num_heads / 2;
+    pair = x % pairs;
+    hk = 2 * pair / group;
+    j = num_slots - 1 - x / pairs;
+    const int* meta = tiles + static_cast<i64>(j) * kMeta;
+    row0 = meta[0], row_end = meta[1], first_slot = meta[2], q_min_s = meta[4], q_max_s = meta[5];
+    return row0 < row_end;
+  }
+  // The consumers, after waiting on res_full: the published item; false when there is none.
+  __device__ __forceinline__ bool read_item(int group) {
+    if (item[0] < 0) return false;
+    pair = item[1], j = item[2], row0 = item[3], row_end = item[4], first_slot = item[5];
+    q_min_s = item[6], q_max_s = item[7];
+    hk = 2 * pair / group;
+    return true;
+  }
   // Warpgroup 0: it gives its registers to the consumers (kProducerRegs / kConsumerRegs) and its
-  // first warp produces: the resident tiles (one map per kind), then the K/V walk.
+  // first warp produces. Per item taken from `work`: wait until the consumers have freed the
+  // resident tiles, publish the item and copy its resident tiles (one map per kind), walk its K/V
+  // tiles. Then one more phase of res_full with x = -1 ends the consumers.
   __device__ __forceinline__ void produce(const TmaDesc* const (&maps)[2], const TmaDesc* tma_k, const TmaDesc* tma_v,
-                                          const int* __restrict__ end_k, const int* __restrict__ tiles) const {
+                                          const int* __restrict__ end_k, const int* __restrict__ tiles,
+                                          int num_slots, int num_heads, int group, int* work) {
     setmaxnreg_dec<kProducerRegs>();
     if (threadIdx.x >= 32) return;
-    const int lane = threadIdx.x;
+    const int lane = threadIdx.x, items = num_heads / 2 * num_slots;
     if (lane == 0) {
       tma_prefetch_desc(tma_k);
       tma_prefetch_desc(tma_v);
-      dfs_load_resident<T, D>(res, maps, PER_HEAD, pair, row0, bar_res);
     }
-    dfs_kv_producer<T, D, S>(tma_k, tma_v, kv, ek, hdr, full, empty, end_k, tiles, j, row0, row_end, first_slot,
-                             q_min_s, q_max_s, hk, lane);
+    int t = 0;
+    for (int it = 0;; ++it) {
+      int x;
+      do {  // the next item with rows
+        x = __shfl_sync(0xffffffffu, lane == 0 ? atomicAdd(work, 1) : 0, 0);
+      } while (x < items && !set_item(tiles, x, num_slots, num_heads, group));
+      if (it > 0) mbar_wait(res_free, (it - 1) & 1);
+      if (lane == 0) {
+        if (x < items) {
+          item[0] = x, item[1] = pair, item[2] = j, item[3] = row0, item[4] = row_end, item[5] = first_slot;
+          item[6] = q_min_s, item[7] = q_max_s;
+          dfs_load_resident<T, D>(res, maps, PER_HEAD, pair, row0, res_full);  // arrives after the stores
+        } else {
+          item[0] = -1;
+          mbar_arrive(res_full);
+        }
+      }
+      if (x >= items) return;
+      dfs_kv_producer<T, D, S>(tma_k, tma_v, kv, ek, hdr, full, empty, end_k, tiles, j, row0, row_end, first_slot,
+                               q_min_s, q_max_s, hk, lane, t);
+    }
   }
 };
 
@@ -495,78 +544,81 @@ template <typename T, int D>
 __global__ void __launch_bounds__(384, 1)
 dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
                   const __grid_constant__ TmaDesc tma_v, const int* __restrict__ start_q,
-                  const int* __restrict__ end_k, const int* __restrict__ tiles, int num_slots,
-                  T* __restrict__ o, i64 o_sn, i64 o_sh, float* __restrict__ lse, int* __restrict__ visited,
-                  int num_heads, int group, float scale_log2) {
+                  const int* __restrict__ end_k, const int* __restrict__ tiles, int* __restrict__ work,
+                  int num_slots, T* __restrict__ o, i64 o_sn, i64 o_sh, float* __restrict__ lse,
+                  int* __restrict__ visited, int num_heads, int group, float scale_log2) {
   using Cta = DfsPairCta<T, D, 1, 5>;
   using Cfg = typename Cta::Cfg;
   using Tile = WgTile<D, kTile>;
   static_assert(kHaveWgmma, "the warp-specialised forward needs the sm_90a target");
   constexpr int S = Cfg::kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const Cta cta(smem_raw, tiles, num_slots, num_heads, group);
+  Cta cta(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
-  const int pair = cta.pair, j = cta.j, row0 = cta.row0, row_end = cta.row_end;
-  if (row0 >= row_end) return;  // an unused slot: the whole CTA leaves before any barrier
   cta.init_barriers();
 
   if (wg == 0) {
     const TmaDesc* const maps[2] = {&tma_q, &tma_q};
-    cta.produce(maps, &tma_k, &tma_v, end_k, tiles);
+    cta.produce(maps, &tma_k, &tma_v, end_k, tiles, num_slots, num_heads, group, work);
     return;
   }
 
-  // Consumers: warpgroup cw runs head 2 pair + cw, rows row0 + 16 w4 + g (+ 8).
+  // Consumers: warpgroup cw runs head 2 pair + cw, rows row0 + 16 w4 + g (+ 8), of each item.
   setmaxnreg_inc<kConsumerRegs>();
   const int cw = wg - 1, w4 = warp % 4, g = lane / 4, c4 = lane % 4;
-  const int h = 2 * pair + cw;
-  int row_c[2], sq_row[2];
+  int t = 0;  // the ring's stages, over the items
+  for (int it = 0;; ++it) {
+    mbar_wait(cta.res_full, it & 1);
+    if (!cta.read_item(group)) break;
+    const int j = cta.j, row0 = cta.row0, row_end = cta.row_end, h = 2 * cta.pair + cw;
+    int row_c[2], sq_row[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_c[r] = min(row0 + 16 * w4 + g + 8 * r, row_end - 1);
-    sq_row[r] = start_q[row_c[r]];
-  }
-  mbar_wait(cta.bar_res, 0);
-  u32 qf[D / 16][4];
+    for (int r = 0; r < 2; ++r) {
+      row_c[r] = min(row0 + 16 * w4 + g + 8 * r, row_end - 1);
+      sq_row[r] = start_q[row_c[r]];
+    }
+    u32 qf[D / 16][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, Tile>(qf[kk], cta.res + cw * Cfg::kTileElems, 16 * w4, kk, lane);
+    for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, Tile>(qf[kk], cta.res + cw * Cfg::kTileElems, 16 * w4, kk, lane);
+    mbar_arrive(cta.res_free);  // Q is in registers: the next item's may land
 
-  // The tiles' steps are software-pipelined: tile t's P V runs during tile t + 1's softmax, so a
-  // stage is released one step later.
-  RowState<D> st;
-  st.clear();
-  PendingPV pend;
-  pend.valid = false;
-  pend.v = 0;
-  int count = 0, held = -1;
-  for (int t = 0;; ++t) {
-    const int stage = t % S;
-    mbar_wait(cta.full + stage, (t / S) & 1);
-    const int4 hdr = cta.hdr[stage];
-    if (!hdr.z) break;
-    ++count;
-    const int* ek = cta.ek + stage * kTile;
-    auto tile_vis = [&](unsigned long long (&vis)[2]) { dfs_tile_vis(vis, ek, hdr.x, row_c, sq_row, c4); };
-    const T* sk = cta.kv + 2 * stage * Cfg::kTileElems;
-    wg_attention_step_pipelined<T, D>(st, pend, qf, smem_addr(sk), smem_addr(sk + Cfg::kTileElems), hdr.y != 0,
-                                      tile_vis, scale_log2, lane);
-    __syncwarp();
-    if (held >= 0 && lane == 0) mbar_arrive(cta.empty + held);
-    held = stage;
-  }
-  wg_attention_flush<T, D>(st, pend);
-  __syncwarp();
-  if (held >= 0 && lane == 0) mbar_arrive(cta.empty + held);
-  if (visited != nullptr && w4 == 0 && lane == 0) visited[static_cast<i64>(j) * num_heads + h] = count;
+    // The tiles' steps are software-pipelined: tile t's P V runs during tile t + 1's softmax, so a
+    // stage is released one step later.
+    RowState<D> st;
+    st.clear();
+    PendingPV pend;
+    pend.valid = false;
+    pend.v = 0;
+    int count = 0, held = -1;
+    for (;; ++t) {
+      const int stage = t % S;
+      mbar_wait(cta.full + stage, (t / S) & 1);
+      const int4 hdr = cta.hdr[stage];
+      if (!hdr.z) break;
+      ++count;
+      const int* ek = cta.ek + stage * kTile;
+      auto tile_vis = [&](unsigned long long (&vis)[2]) { dfs_tile_vis(vis, ek, hdr.x, row_c, sq_row, c4); };
+      const T* sk = cta.kv + 2 * stage * Cfg::kTileElems;
+      wg_attention_step_pipelined<T, D>(st, pend, qf, smem_addr(sk), smem_addr(sk + Cfg::kTileElems), hdr.y != 0,
+                                        tile_vis, scale_log2, lane);
+      if (held >= 0) mbar_arrive(cta.empty + held);  // each thread releases its own reads
+      held = stage;
+    }
+    wg_attention_flush<T, D>(st, pend);
+    if (held >= 0) mbar_arrive(cta.empty + held);
+    mbar_arrive(cta.empty + t % S);  // the closing stage
+    ++t;
+    if (visited != nullptr && w4 == 0 && lane == 0) visited[static_cast<i64>(j) * num_heads + h] = count;
 
-  // Normalise; store o and the natural-log lse of the owned rows.
+    // Normalise; store o and the natural-log lse of the owned rows.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float total = st.l_acc[2 * r];
-    const int row = row0 + 16 * w4 + g + 8 * r;
-    if (row >= row_end) continue;
-    store_row<D>(o + static_cast<i64>(row) * o_sn + h * o_sh, st.o_acc, r, total > 0.f ? 1.f / total : 0.f, c4);
-    if (c4 == 0) lse[static_cast<i64>(row) * num_heads + h] = lse_from_base2(st.row_max[r], total);
+    for (int r = 0; r < 2; ++r) {
+      const float total = st.l_acc[2 * r];
+      const int row = row0 + 16 * w4 + g + 8 * r;
+      if (row >= row_end) continue;
+      store_row<D>(o + static_cast<i64>(row) * o_sn + h * o_sh, st.o_acc, r, total > 0.f ? 1.f / total : 0.f, c4);
+      if (c4 == 0) lse[static_cast<i64>(row) * num_heads + h] = lse_from_base2(st.row_max[r], total);
+    }
   }
 }
 
@@ -1140,97 +1192,101 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
                      const __grid_constant__ TmaDesc tma_v, const __grid_constant__ TmaDesc tma_do,
                      const float* __restrict__ lse, const float* __restrict__ delta,
                      const int* __restrict__ start_q, const int* __restrict__ end_k,
-                     const int* __restrict__ tiles, int num_slots, T* __restrict__ dq, i64 dq_sn, i64 dq_sh,
-                     int num_heads, int group, float scale_log2, float scale) {
+                     const int* __restrict__ tiles, int* __restrict__ work, int num_slots, T* __restrict__ dq,
+                     i64 dq_sn, i64 dq_sh, int num_heads, int group, float scale_log2, float scale) {
   using Cta = DfsPairCta<T, D, 2, 4>;
   using Cfg = typename Cta::Cfg;
   using Tile = WgTile<D, kTile>;
   static_assert(kHaveWgmma, "the warp-specialised backward needs the sm_90a target");
   constexpr int S = Cfg::kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  const Cta cta(smem_raw, tiles, num_slots, num_heads, group);
+  Cta cta(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, wg = warp / 4;
-  const int pair = cta.pair, row0 = cta.row0, row_end = cta.row_end;
-  if (row0 >= row_end) return;
   cta.init_barriers();
 
   if (wg == 0) {
     const TmaDesc* const maps[2] = {&tma_q, &tma_do};
-    cta.produce(maps, &tma_k, &tma_v, end_k, tiles);
+    cta.produce(maps, &tma_k, &tma_v, end_k, tiles, num_slots, num_heads, group, work);
     return;
   }
 
   setmaxnreg_inc<kConsumerRegs>();
   const int cw = wg - 1, w4 = warp % 4, g = lane / 4, c4 = lane % 4;
-  const int h = 2 * pair + cw;
-  int row_c[2], sq_row[2];
-  float lse2[2], dlt[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row0 + 16 * w4 + g + 8 * r;
-    row_c[r] = min(row, row_end - 1);
-    sq_row[r] = start_q[row_c[r]];
-    const float l = row < row_end ? lse[static_cast<i64>(row) * num_heads + h] : neg_inf();
-    lse2[r] = l == neg_inf() ? pos_inf() : l * kLog2e;
-    dlt[r] = row < row_end ? delta[static_cast<i64>(row) * num_heads + h] : 0.f;
-  }
   const u32 q_addr = smem_addr(cta.res + cw * Cfg::kTileElems);
   const u32 do_addr = smem_addr(cta.res + (2 + cw) * Cfg::kTileElems);
-  float dq_acc[D / 8][4];
+  int t = 0;  // the ring's stages, over the items
+  for (int it = 0;; ++it) {
+    mbar_wait(cta.res_full, it & 1);
+    if (!cta.read_item(group)) break;
+    const int row0 = cta.row0, row_end = cta.row_end, h = 2 * cta.pair + cw;
+    int row_c[2], sq_row[2];
+    float lse2[2], dlt[2];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) dq_acc[i][0] = dq_acc[i][1] = dq_acc[i][2] = dq_acc[i][3] = 0.f;
-  mbar_wait(cta.bar_res, 0);
-
-  for (int t = 0;; ++t) {
-    const int stage = t % S;
-    mbar_wait(cta.full + stage, (t / S) & 1);
-    const int4 hdr = cta.hdr[stage];
-    if (!hdr.z) break;
-    const u32 k_addr = smem_addr(cta.kv + 2 * stage * Cfg::kTileElems);
-    const u32 v_addr = k_addr + Cfg::kTileElems * sizeof(T);
-
-    float s[8][4], dp[8][4];
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_ss<T, 64>(s, Tile::kmajor_desc(q_addr, kk), Tile::kmajor_desc(k_addr, kk), kk);
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_ss<T, 64>(dp, Tile::kmajor_desc(do_addr, kk), Tile::kmajor_desc(v_addr, kk), kk);
-    wgmma_commit();
-    wgmma_wait<1>();
-
-    if (!hdr.y) {
-      unsigned long long vis[2];
-      dfs_tile_vis(vis, cta.ek + stage * kTile, hdr.x, row_c, sq_row, c4);
-      mask_invisible<64>(s, vis, 0, lane);
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 16 * w4 + g + 8 * r;
+      row_c[r] = min(row, row_end - 1);
+      sq_row[r] = start_q[row_c[r]];
+      const float l = row < row_end ? lse[static_cast<i64>(row) * num_heads + h] : neg_inf();
+      lse2[r] = l == neg_inf() ? pos_inf() : l * kLog2e;
+      dlt[r] = row < row_end ? delta[static_cast<i64>(row) * num_heads + h] : 0.f;
     }
+    float dq_acc[D / 8][4];
 #pragma unroll
-    for (int jj = 0; jj < 8; ++jj)
+    for (int i = 0; i < D / 8; ++i) dq_acc[i][0] = dq_acc[i][1] = dq_acc[i][2] = dq_acc[i][3] = 0.f;
+
+    for (;; ++t) {
+      const int stage = t % S;
+      mbar_wait(cta.full + stage, (t / S) & 1);
+      const int4 hdr = cta.hdr[stage];
+      if (!hdr.z) break;
+      const u32 k_addr = smem_addr(cta.kv + 2 * stage * Cfg::kTileElems);
+      const u32 v_addr = k_addr + Cfg::kTileElems * sizeof(T);
+
+      float s[8][4], dp[8][4];
+      wgmma_fence();
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[jj][e] = fast_exp2(fmaf(s[jj][e], scale_log2, -lse2[e / 2]));
-    wgmma_wait<0>();
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_ss<T, 64>(s, Tile::kmajor_desc(q_addr, kk), Tile::kmajor_desc(k_addr, kk), kk);
+      wgmma_commit();
 #pragma unroll
-    for (int jj = 0; jj < 8; ++jj)
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_ss<T, 64>(dp, Tile::kmajor_desc(do_addr, kk), Tile::kmajor_desc(v_addr, kk), kk);
+      wgmma_commit();
+      wgmma_wait<1>();
+
+      if (!hdr.y) {
+        unsigned long long vis[2];
+        dfs_tile_vis(vis, cta.ek + stage * kTile, hdr.x, row_c, sq_row, c4);
+        mask_invisible<64>(s, vis, 0, lane);
+      }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dp[jj][e] = s[jj][e] * (dp[jj][e] - dlt[e / 2]);
-    u32 da[4][4];
+      for (int jj = 0; jj < 8; ++jj)
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) acc_to_a<T>(da[kk], dp, kk);
-    wgmma_fence();
+        for (int e = 0; e < 4; ++e) s[jj][e] = fast_exp2(fmaf(s[jj][e], scale_log2, -lse2[e / 2]));
+      wgmma_wait<0>();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(dq_acc, da[kk], Tile::mnmajor_desc(k_addr, kk));
-    wgmma_commit();
-    wgmma_wait<0>();
-    __syncwarp();
-    if (lane == 0) mbar_arrive(cta.empty + stage);
-  }
+      for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[jj][e] = s[jj][e] * (dp[jj][e] - dlt[e / 2]);
+      u32 da[4][4];
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) acc_to_a<T>(da[kk], dp, kk);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(dq_acc, da[kk], Tile::mnmajor_desc(k_addr, kk));
+      wgmma_commit();
+      wgmma_wait<0>();
+      mbar_arrive(cta.empty + stage);  // each thread releases its own reads
+    }
+    mbar_arrive(cta.empty + t % S);  // the closing stage
+    mbar_arrive(cta.res_free);  // every product that read Q and dO is done
+    ++t;
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row0 + 16 * w4 + g + 8 * r;
-    if (row < row_end) store_row<D>(dq + static_cast<i64>(row) * dq_sn + h * dq_sh, dq_acc, r, scale, c4);
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 16 * w4 + g + 8 * r;
+      if (row < row_end) store_row<D>(dq + static_cast<i64>(row) * dq_sn + h * dq_sh, dq_acc, r, scale, c4);
+    }
   }
 }
 
