@@ -315,7 +315,7 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
 // slot = slots - 1 - x / (H / 2): long rows first) handed out by an atomic counter (`work`, zero
 // before the launch), so a CTA's next item starts as soon as it is free (greedy, not a fixed
 // round robin). The producer takes the next item, publishes it in shared memory with its resident
-// tiles (barrier `res`, one phase per item, freed by the consumers through `res_free`), and walks
+// tiles (barrier `res_full`, one phase per item, freed by the consumers through `res_free`), and walks
 // its K/V tiles into the same ring, so the next item's first tiles load during this item's last.
 // dfs_bwd_dq_ws_kernel (backward, below) has the same shape with Q and dO of both heads resident.
 template <int D, int PER_HEAD, int STAGES>
@@ -325,7 +325,7 @@ struct DfsWsConfig {
   // PER_HEAD resident tiles of each of the 2 heads (Q; Q and dO), then the K/V ring.
   static constexpr int kTileBytes = (2 * PER_HEAD + 2 * kStages) * kTileElems * 2;
   // Then per stage 64 end_k (int) and a header int4; the full/empty mbarriers, the resident tiles'
-  // (res, res_free) and the published item (8 ints) (host: the same sum, plus 1 KB for the alignment).
+  // (res_full, res_free) and the published item (8 ints) (host: the same sum, plus 1 KB for the alignment).
   static constexpr int kBytes = kTileBytes + kStages * (kTile * 4 + 16) + (2 * kStages + 2) * 8 + 8 * 4;
 };
 
