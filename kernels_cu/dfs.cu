@@ -494,13 +494,20 @@ struct DfsPairCta {
     row0 = meta[0], row_end = meta[1], first_slot = meta[2], q_min_s = meta[4], q_max_s = meta[5];
     return row0 < row_end;
   }
-  // The consumers, after waiting on res_full: the published item; false when there is none.
-  __device__ __forceinline__ bool read_item(int group) {
+  // The consumers: wait for their it-th item (the it-th phase of res_full) and read it; false when
+  // there is none.
+  __device__ __forceinline__ bool next_item(int it, int group) {
+    mbar_wait(res_full, it & 1);
     if (item[0] < 0) return false;
     pair = item[1], j = item[2], row0 = item[3], row_end = item[4], first_slot = item[5];
     q_min_s = item[6], q_max_s = item[7];
     hk = 2 * pair / group;
     return true;
+  }
+  // The consumers: wait for ring stage t (counted over the CTA's items) and read its header.
+  __device__ __forceinline__ int4 wait_stage(int t) const {
+    mbar_wait(full + t % S, (t / S) & 1);
+    return hdr[t % S];
   }
   // Warpgroup 0: it gives its registers to the consumers (kProducerRegs / kConsumerRegs) and its
   // first warp produces. Per item taken from `work`: wait until the consumers have freed the
@@ -568,8 +575,7 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
   const int cw = wg - 1, w4 = warp % 4, g = lane / 4, c4 = lane % 4;
   int t = 0;  // the ring's stages, over the items
   for (int it = 0;; ++it) {
-    mbar_wait(cta.res_full, it & 1);
-    if (!cta.read_item(group)) break;
+    if (!cta.next_item(it, group)) break;
     const int j = cta.j, row0 = cta.row0, row_end = cta.row_end, h = 2 * cta.pair + cw;
     int row_c[2], sq_row[2];
 #pragma unroll
@@ -592,8 +598,7 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
     int count = 0, held = -1;
     for (;; ++t) {
       const int stage = t % S;
-      mbar_wait(cta.full + stage, (t / S) & 1);
-      const int4 hdr = cta.hdr[stage];
+      const int4 hdr = cta.wait_stage(t);
       if (!hdr.z) break;
       ++count;
       const int* ek = cta.ek + stage * kTile;
@@ -1216,8 +1221,7 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
   const u32 do_addr = smem_addr(cta.res + (2 + cw) * Cfg::kTileElems);
   int t = 0;  // the ring's stages, over the items
   for (int it = 0;; ++it) {
-    mbar_wait(cta.res_full, it & 1);
-    if (!cta.read_item(group)) break;
+    if (!cta.next_item(it, group)) break;
     const int row0 = cta.row0, row_end = cta.row_end, h = 2 * cta.pair + cw;
     int row_c[2], sq_row[2];
     float lse2[2], dlt[2];
@@ -1236,8 +1240,7 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
 
     for (;; ++t) {
       const int stage = t % S;
-      mbar_wait(cta.full + stage, (t / S) & 1);
-      const int4 hdr = cta.hdr[stage];
+      const int4 hdr = cta.wait_stage(t);
       if (!hdr.z) break;
       const u32 k_addr = smem_addr(cta.kv + 2 * stage * Cfg::kTileElems);
       const u32 v_addr = k_addr + Cfg::kTileElems * sizeof(T);
