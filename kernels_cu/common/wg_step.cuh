@@ -156,12 +156,7 @@ __device__ __forceinline__ void wg_attention_step_pipelined(RowState<D>& st, Pen
 template <typename T, int D>
 __device__ __forceinline__ void wg_attention_flush(RowState<D>& st, PendingPV& pend) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {  // the lanes' partial row sums: a row's four lanes are a quad
-    float l = st.l_acc[2 * r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    st.l_acc[2 * r] = st.l_acc[2 * r + 1] = l;
-  }
+  for (int r = 0; r < 2; ++r) st.l_acc[2 * r] = st.l_acc[2 * r + 1] = quad_sum(st.l_acc[2 * r]);  // the lanes' partial sums
   if (!pend.valid) return;
   wgmma_fence();
   wg_issue_pv<T, D>(st.o_acc, pend.p, pend.v);
