@@ -936,9 +936,9 @@ dfs_bwd_dq_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restri
 //   a fixed order) and are stored; dK is scaled by softmax_scale.
 //   Two stages after the last item carry valid = 0, one for each consumer.
 // dfs_bwd_dq_ws_kernel: the forward's shape (grid (H / 2) * slots; the producer walks the visible K
-//   tiles); Q and dO of both heads are resident. Per K tile: S = Q K^T, dP = dO V^T (shared memory
-//   operands), P = exp2(S scale_log2 - lse2) masked, dS = P (dP - delta), dQ += dS K (dS from
-//   registers); dQ is scaled by softmax_scale.
+//   tiles); Q and dO of both heads are resident. Per K tile: S = Q K^T, dP = dO V^T (Q and dO from
+//   shared memory, or with QDO_REGS from registers), P = exp2(S scale_log2 - lse2) masked,
+//   dS = P (dP - delta), dQ += dS K (dS from registers); dQ is scaled by softmax_scale.
 template <int D>
 struct DfsDkdvWsConfig {
   static constexpr int kStages = 5;
@@ -1196,7 +1196,7 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool QDO_REGS>
 __global__ void __launch_bounds__(384, 1)
 dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
                      const __grid_constant__ TmaDesc tma_v, const __grid_constant__ TmaDesc tma_do,
@@ -1242,6 +1242,18 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
     float dq_acc[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) dq_acc[i][0] = dq_acc[i][1] = dq_acc[i][2] = dq_acc[i][3] = 0.f;
+    // QDO_REGS: Q and dO as register A fragments, so S and dP read only K and V from shared memory,
+    // and the next item's Q and dO may land while this one runs. Only where ptxas keeps registers
+    // that an asynchronous wgmma reads (NVRTC >= 13.3; flashtree/_jit/nvrtc.py).
+    u32 qf[QDO_REGS ? D / 16 : 1][4], dof[QDO_REGS ? D / 16 : 1][4];
+    if constexpr (QDO_REGS) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        load_a_frag<D, Tile>(qf[kk], cta.res + cw * Cfg::kTileElems, 16 * w4, kk, lane);
+        load_a_frag<D, Tile>(dof[kk], cta.res + (2 + cw) * Cfg::kTileElems, 16 * w4, kk, lane);
+      }
+      mbar_arrive(cta.res_free);
+    }
 
     for (;; ++t) {
       const int stage = t % S;
@@ -1252,13 +1264,21 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
 
       float s[8][4], dp[8][4];
       wgmma_fence();
+      if constexpr (QDO_REGS) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        wgmma_ss<T, 64>(s, Tile::kmajor_desc(q_addr, kk), Tile::kmajor_desc(k_addr, kk), kk);
-      wgmma_commit();
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 64>(s, qf[kk], Tile::kmajor_desc(k_addr, kk), kk);
+        wgmma_commit();
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        wgmma_ss<T, 64>(dp, Tile::kmajor_desc(do_addr, kk), Tile::kmajor_desc(v_addr, kk), kk);
+        for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 64>(dp, dof[kk], Tile::kmajor_desc(v_addr, kk), kk);
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          wgmma_ss<T, 64>(s, Tile::kmajor_desc(q_addr, kk), Tile::kmajor_desc(k_addr, kk), kk);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          wgmma_ss<T, 64>(dp, Tile::kmajor_desc(do_addr, kk), Tile::kmajor_desc(v_addr, kk), kk);
+      }
       wgmma_commit();
       wgmma_wait<1>();
 
@@ -1287,7 +1307,7 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
       mbar_arrive(cta.empty + stage);  // each thread releases its own reads
     }
     mbar_arrive(cta.empty + t % S);  // the closing stage
-    mbar_arrive(cta.res_free);  // every product that read Q and dO is done
+    if constexpr (!QDO_REGS) mbar_arrive(cta.res_free);  // every product that read Q and dO is done
     ++t;
 
 #pragma unroll

@@ -261,6 +261,23 @@ def test_dfs_specs_compile_without_spills(arch, tmp_path, monkeypatch):
         assert dfs.fwd_ws_smem(d) <= 227 * 1024
 
 
+def test_dq_register_fragments_only_where_ptxas_keeps_them(monkeypatch):
+    """The dQ kernel with Q and dO as register fragments (`_rf`) is chosen only with an NVRTC whose
+    ptxas keeps an in-flight wgmma's registers (>= 13.3); it measured wrong at D = 64 with 13.0."""
+    assert _jit.nvrtc.WGMMA_REGS_SAFE_FROM == (13, 3)
+    try:
+        for safe in (False, True):
+            monkeypatch.setattr(_jit, "wgmma_regs_safe", lambda safe=safe: safe)
+            dfs.bwd_ws_spec.cache_clear()
+            names = {s.name for s in _jit.shipped_specs(["dfs"])}
+            assert ("dfs_bwd_dq_ws_rf_bf16_d64" in names) == safe
+            assert ("dfs_bwd_dq_ws_bf16_d64" in names) == (not safe)
+            assert dfs.bwd_ws_spec("dq", torch.float16, 128).template_args[-1] == ("true" if safe else "false")
+            assert dfs.bwd_ws_spec("dkdv", torch.float16, 128).name == "dfs_bwd_dkdv_ws_f16_d128"
+    finally:
+        dfs.bwd_ws_spec.cache_clear()
+
+
 # ----------------------------------------------------------------------------------- GPU
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from .cache import cache_dir, entries, load_or_compile
-from .nvrtc import CompileError, CompiledKernel, Resources, nvrtc_version
+from .nvrtc import CompileError, CompiledKernel, Resources, nvrtc_version, wgmma_regs_safe
 from .runtime import (check_toolchain, compiled, current_stream, device_arch, device_properties, get_kernel, num_sms,
                       param_layout)
 from .spec import KernelSpec, ctype, short
@@ -46,6 +46,7 @@ __all__ = [
     "load_or_compile",
     "num_sms",
     "nvrtc_version",
+    "wgmma_regs_safe",
     "param_layout",
     "register_shipped",
     "short",

@@ -4,6 +4,7 @@ CI and run time both come through here; the disk cache sits in front (see cache.
 """
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -62,6 +63,19 @@ def nvrtc_module():
 def nvrtc_version() -> str:
     major, minor = nvrtc_module().getVersion()
     return f"{major}.{minor}"
+
+
+# Before CUDA 13.3, ptxas may give a register that an asynchronous wgmma still reads to another
+# value before the wgmma's wait (NVIDIA's 13.3 release notes). flashtree's dQ kernel with Q and dO
+# as register fragments measured wrong at D = 64 with NVRTC 13.0 and right with 13.5
+# (benchmarks/NOTES.md, session 10); such kernels are chosen only where this is True.
+WGMMA_REGS_SAFE_FROM = (13, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def wgmma_regs_safe() -> bool:
+    """Whether this NVRTC's ptxas keeps the registers of an in-flight wgmma (version >= 13.3)."""
+    return tuple(nvrtc_module().getVersion()) >= WGMMA_REGS_SAFE_FROM
 
 
 def nvrtc_options(arch: str) -> list[str]:
