@@ -1092,14 +1092,8 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
     // S^T = K Q^T and dP^T = V dO^T, in two groups: the softmax of S^T runs while dP^T computes.
     float s[8][4], dp[8][4];
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_ss<T, 64>(s, Tile::kmajor_desc(k_addr, kk), Tile::kmajor_desc(q_addr, kk), kk);
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_ss<T, 64>(dp, Tile::kmajor_desc(v_addr, kk), Tile::kmajor_desc(do_addr, kk), kk);
-    wgmma_commit();
+    wg_issue_ss<T, D>(s, k_addr, q_addr);
+    wg_issue_ss<T, D>(dp, v_addr, do_addr);
     wgmma_wait<1>();
 
     // P^T: element (key 16 w4 + g + 8 r, query 8 jj + 2 c4 + e2) in s[jj][2 r + e2].
@@ -1265,21 +1259,12 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
       float s[8][4], dp[8][4];
       wgmma_fence();
       if constexpr (QDO_REGS) {
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 64>(s, qf[kk], Tile::kmajor_desc(k_addr, kk), kk);
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 64>(dp, dof[kk], Tile::kmajor_desc(v_addr, kk), kk);
+        wg_issue_scores<T, D>(s, qf, k_addr);
+        wg_issue_scores<T, D>(dp, dof, v_addr);
       } else {
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-          wgmma_ss<T, 64>(s, Tile::kmajor_desc(q_addr, kk), Tile::kmajor_desc(k_addr, kk), kk);
-        wgmma_commit();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
-          wgmma_ss<T, 64>(dp, Tile::kmajor_desc(do_addr, kk), Tile::kmajor_desc(v_addr, kk), kk);
+        wg_issue_ss<T, D>(s, q_addr, k_addr);
+        wg_issue_ss<T, D>(dp, do_addr, v_addr);
       }
-      wgmma_commit();
       wgmma_wait<1>();
 
       if (!hdr.y) {

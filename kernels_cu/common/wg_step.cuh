@@ -53,6 +53,16 @@ __device__ __forceinline__ void wg_issue_scores(float (&s)[8][4], const u32 (&q)
   wgmma_commit();
 }
 
+// Issue S (64 x 64) = A B^T with both operands K-major [64][D] tiles in shared memory (WgTile<D, 64>
+// at byte addresses a and b) as one group.
+template <typename T, int D>
+__device__ __forceinline__ void wg_issue_ss(float (&s)[8][4], u32 a, u32 b) {
+  using Tile = WgTile<D, 64>;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, 64>(s, Tile::kmajor_desc(a, kk), Tile::kmajor_desc(b, kk), kk);
+  wgmma_commit();
+}
+
 // Issue O (64 x D) += P V (P as register A fragments of 64 keys, V at shared-memory address v) as one group.
 template <typename T, int D>
 __device__ __forceinline__ void wg_issue_pv(float (&o)[D / 8][4], const u32 (&p)[4][4], u32 v) {
