@@ -277,6 +277,34 @@ def dfs_fwd():
               flush=True)
 
 
+def _dfs_backward_call(params):
+    """The backward op alone on a dfs-suite tree (bf16, H = 32, Hkv = 8, D = 128), after one forward:
+    a call that returns (dq, dk, dv)."""
+    from flashtree import dfs
+    from flashtree.bench.suites import dfs as suite
+    sq, ek, cu = (x.cuda() for x in suite.packed_arrays(suite.workload_trees(params)))
+    n = sq.shape[0]
+    q = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(n, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    do = torch.randn_like(q)
+    scale = 128 ** -0.5
+    o, lse, tiles = dfs._dfs_forward_impl(q, k, v, cu, sq, ek, scale)
+    return lambda: dfs._dfs_backward_impl(do, q, k, v, o, lse, None, sq, ek, tiles, scale)
+
+
+def _captured(fn):
+    """fn captured in a CUDA graph (warmed up on a side stream first, as torch.cuda.graphs requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
 def dfs_bwd():
     """tree_attention backward alone (graph replay of the backward op on saved forward outputs) on
     the dfs suite's trees, portable kernels vs the Hopper ones, with a max-difference check of the
@@ -285,17 +313,10 @@ def dfs_bwd():
     from flashtree.bench.suites import dfs as suite
     from flashtree.bench.timing import bench
     for params in suite.TREES:
-        sq, ek, cu = (x.cuda() for x in suite.packed_arrays(suite.workload_trees(params)))
-        n = sq.shape[0]
-        q = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(n, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        do = torch.randn_like(q)
-        scale = 128 ** -0.5
-        o, lse, tiles = dfs._dfs_forward_impl(q, k, v, cu, sq, ek, scale)
+        fn = _dfs_backward_call(params)
         line, grads = f"{suite._label(dict(params, mode='bwd')):40s}", []
         for ws in ((True,) if os.environ.get("DIAG_HOPPER_ONLY") else (False, True)):
-            dfs._WGMMA = ws
-            fn = lambda: dfs._dfs_backward_impl(do, q, k, v, o, lse, None, sq, ek, tiles, scale)  # noqa: E731
+            dfs._WGMMA = ws  # read at each call
             grads.append(fn())
             line += f"  {'hopper' if ws else 'portable'} {bench(fn, warmup=3, iters=20, graph=True).median_us:8.1f} us"
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -311,6 +332,74 @@ def dfs_bwd():
     dfs._WGMMA = True
 
 
+def dfs_bwd_trace(out="."):
+    """The long tree's backward as a CUDA graph: 20 replays to warm up, then 5 replays under
+    torch.profiler, the chrome trace written to OUT/dfs_bwd_trace.json, and per replay the kernels'
+    durations and the gaps between them (is the graph median kernel time?), with the SM clock."""
+    import json
+    import subprocess
+    from flashtree.bench.suites import dfs as suite
+    fn = _dfs_backward_call(suite.TREES[0])
+    g = _captured(fn)
+    for _ in range(20):
+        g.replay()
+    torch.cuda.synchronize()
+    clock = lambda: subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader"],  # noqa: E731
+                                   capture_output=True, text=True).stdout.strip()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            g.replay()
+        torch.cuda.synchronize()
+    print("clock after:", clock())
+    path = f"{out}/dfs_bwd_trace.json"
+    prof.export_chrome_trace(path)
+    kernels = sorted((e for e in json.load(open(path))["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    prev_end = None
+    for e in kernels:
+        gap = "" if prev_end is None else f"  gap {e['ts'] - prev_end:8.1f}"
+        print(f"{e['name'][:48]:48s} {e['dur']:9.1f} us{gap}")
+        prev_end = e["ts"] + e["dur"]
+    if kernels:
+        print(f"5 replays: {kernels[-1]['ts'] + kernels[-1]['dur'] - kernels[0]['ts']:.1f} us first kernel start to last end")
+
+
+def dfs_bwd_timing():
+    """The long tree's backward as one CUDA graph, timed three ways: flashtree.bench.timing.bench's
+    median, one event pair around 20 back-to-back replays, and one event pair per replay (the 20
+    values): does per-replay event timing agree with the kernels' sum (dfs_bwd_trace)?"""
+    from flashtree.bench.suites import dfs as suite
+    from flashtree.bench.timing import bench
+    fn = _dfs_backward_call(suite.TREES[0])
+    t = bench(fn, warmup=3, iters=20, graph=True)
+    print(f"bench graph: median {t.median_us:.1f} min {t.min_us:.1f} p20 {t.p20_us:.1f} p80 {t.p80_us:.1f} us")
+    g = _captured(fn)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(20):
+        g.replay()
+    b.record()
+    b.synchronize()
+    print(f"20 replays, one event pair: {a.elapsed_time(b) * 1e3 / 20:.1f} us per replay")
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(20)]
+    for s0, e0 in ev:
+        s0.record()
+        g.replay()
+        e0.record()
+    ev[-1][1].synchronize()
+    print("per replay:", " ".join(f"{s0.elapsed_time(e0) * 1e3:.0f}" for s0, e0 in ev))
+    fn()  # eager: the same, event pairs
+    torch.cuda.synchronize()
+    for s0, e0 in ev:
+        s0.record()
+        fn()
+        e0.record()
+    ev[-1][1].synchronize()
+    print("eager per call:", " ".join(f"{s0.elapsed_time(e0) * 1e3:.0f}" for s0, e0 in ev))
+
+
 def merge(n, s):
     o = torch.randn(n, s, 32, 128, device="cuda", dtype=torch.bfloat16)
     lse = torch.randn(n, s, 32, device="cuda")
@@ -320,6 +409,12 @@ def merge(n, s):
 
 
 if __name__ == "__main__":
-    {"decode": decode, "merge": merge, "variants": variants, "mergevariants": mergevariants, "overhead": overhead,
-     "hostprofile": hostprofile, "deft_host": deft_host, "deft_kernels": deft_kernels,
-     "deft_row": deft_row, "deft_chunks": deft_chunks, "deft_blockm": deft_blockm, "dfs_fwd": dfs_fwd, "dfs_bwd": dfs_bwd}[sys.argv[1]](*map(int, sys.argv[2:]))
+    commands = {"decode": decode, "merge": merge, "variants": variants, "mergevariants": mergevariants,
+                "overhead": overhead, "hostprofile": hostprofile, "deft_host": deft_host,
+                "deft_kernels": deft_kernels, "deft_row": deft_row, "deft_chunks": deft_chunks,
+                "deft_blockm": deft_blockm, "dfs_fwd": dfs_fwd, "dfs_bwd": dfs_bwd,
+                "dfs_bwd_timing": dfs_bwd_timing}
+    if sys.argv[1] == "dfs_bwd_trace":  # its argument is a folder
+        dfs_bwd_trace(*sys.argv[2:])
+    else:
+        commands[sys.argv[1]](*map(int, sys.argv[2:]))
