@@ -50,6 +50,10 @@ def _info() -> int:
     try:
         versions = _jit.check_toolchain(need_torch_cuda=torch.cuda.is_available())
         print(f"cupy {versions['cupy']} (CUDA runtime {versions['cupy_cuda']})  NVRTC {versions['nvrtc']}")
+        if not _jit.wgmma_regs_safe():  # NVRTC < 13.3 (flashtree/_jit/nvrtc.py)
+            print("  NVRTC < 13.3: the register-fragment DFS dQ kernel is off (this ptxas can reuse the registers "
+                  "of an in-flight wgmma); an nvidia-cuda-nvrtc wheel >= 13.3 found before torch's turns it on "
+                  "(README, Install)")
     except (ImportError, RuntimeError) as e:
         print(f"toolchain: {e}")
     if torch.cuda.is_available():
