@@ -14,8 +14,12 @@ import time
 from . import _jit
 
 
-def _compile(archs: list[str], families: list[str] | None, max_spills: int | None) -> int:
-    specs = _jit.shipped_specs(families)
+def _compile(archs: list[str], families: list[str] | None, max_spills: int | None, match: str | None = None) -> int:
+    specs = [s for s in _jit.shipped_specs(families) if match is None or match in s.name]
+    if not specs:
+        print(f"no shipped spec matches --family {families} --match {match!r} (NVRTC {_jit.nvrtc_version()})",
+              file=sys.stderr)
+        return 1
     print(f"compiling {len(specs)} specs for {', '.join(archs)} (NVRTC {_jit.nvrtc_version()}) "
           f"into {_jit.cache_dir()}", flush=True)
     bad = 0
@@ -84,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], help="e.g. sm_80 sm_90 sm_90a")
     p.add_argument("--family", nargs="+", default=None, help="only these kernel families")
     p.add_argument("--max-spills", type=int, default=0, help="fail above this many spilled bytes")
+    p.add_argument("--match", default=None, help="only specs whose name contains this (none: fails)")
     sub.add_parser("info", help="versions, GPU, cache and resource report")
     p = sub.add_parser("demo", help="the main job: self-check and benchmark (GPU) or reference run (CPU)")
     p.add_argument("--quick", action="store_true", help="a smaller workload")
     args = parser.parse_args(argv)
     if args.cmd == "compile":
-        return _compile(args.arch, args.family, args.max_spills)
+        return _compile(args.arch, args.family, args.max_spills, args.match)
     if args.cmd == "info":
         return _info()
     from .demo import run_demo

@@ -471,6 +471,17 @@ def test_cli_compile_fails_on_spills(kernels_copy, cache_tmp, monkeypatch, capsy
     assert main(["compile", "--arch", "sm_90", "--family", "spill", "--max-spills", "100000"]) == 0
 
 
+def test_cli_compile_match(kernels_copy, cache_tmp, monkeypatch, capsys):
+    from flashtree.__main__ import main
+
+    (kernels_copy / "spill.cu").write_text(SPILL_CU)
+    monkeypatch.setitem(_jit._shipped, "spill", lambda: [SPILL_SPEC])
+    assert main(["compile", "--arch", "sm_90", "--family", "spill", "--match", SPILL_SPEC.name, "--max-spills", "100000"]) == 0
+    assert main(["compile", "--arch", "sm_90", "--family", "spill", "--match", "no such spec"]) == 1
+    out, err = capsys.readouterr()
+    assert out.count(SPILL_SPEC.name) == 1 and "no shipped spec matches" in err
+
+
 def test_cli_demo_on_this_machine(shipped_cache):
     # the cache the compile tests above filled: the demo's own compile check then reads it
     done = run_flashtree("demo", cache_dir=shipped_cache, timeout=300)
