@@ -353,7 +353,9 @@ def dfs_bwd_trace(out="."):
     print("clock after:", clock())
     path = f"{out}/dfs_bwd_trace.json"
     prof.export_chrome_trace(path)
-    kernels = sorted((e for e in json.load(open(path))["traceEvents"] if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     prev_end = None
     for e in kernels:
         gap = "" if prev_end is None else f"  gap {e['ts'] - prev_end:8.1f}"

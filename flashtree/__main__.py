@@ -17,8 +17,8 @@ from . import _jit
 def _compile(archs: list[str], families: list[str] | None, max_spills: int | None, match: str | None = None) -> int:
     specs = [s for s in _jit.shipped_specs(families) if match is None or match in s.name]
     if not specs:
-        print(f"no shipped spec matches --family {families} --match {match!r} (NVRTC {_jit.nvrtc_version()})",
-              file=sys.stderr)
+        family = f"--family {' '.join(families)} " if families else ""
+        print(f"no shipped spec matches {family}--match {match!r} (NVRTC {_jit.nvrtc_version()})", file=sys.stderr)
         return 1
     print(f"compiling {len(specs)} specs for {', '.join(archs)} (NVRTC {_jit.nvrtc_version()}) "
           f"into {_jit.cache_dir()}", flush=True)
