@@ -58,6 +58,12 @@ constexpr int kIntMin = -kIntMax - 1;
 // kernel's consumers need 240, so its producer keeps 24.
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
+constexpr int kDkdvProducerRegs = 24;
+constexpr int kDkdvConsumerRegs = 240;
+// setmaxnreg.inc waits for registers that the CTA's own setmaxnreg.dec released: a split above the
+// launch's 384 x 168 never completes and the kernel hangs (NOTES, session 12: 64 / 224 in DeFT).
+static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "the Q-tile kernels' register split");
+static_assert(128 * kDkdvProducerRegs + 256 * kDkdvConsumerRegs <= 384 * 168, "the dK/dV kernel's register split");
 
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
 
@@ -990,7 +996,7 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
   __syncthreads();
 
   if (wg == 0) {
-    setmaxnreg_dec<24>();
+    setmaxnreg_dec<kDkdvProducerRegs>();
     if (warp != 0) return;
     // Producer: the items (Q tile i, head h) in order.
     constexpr u32 kItemTx = 2 * kTile * D * sizeof(T);  // Q and dO
@@ -1059,7 +1065,7 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
   }
 
   // Consumers: warpgroup cw takes items cw, cw + 2, ...; warp w4 owns keys key0 + 16 w4 + g (+ 8).
-  setmaxnreg_inc<240>();
+  setmaxnreg_inc<kDkdvConsumerRegs>();
   const int cw = wg - 1, w4 = warp % 4, g = lane / 4, c4 = lane % 4;
   // A key past the tile's end (another sequence's, or zeros) gets end_k = INT_MIN: no query sees
   // it (its dK and dV are not stored either).
