@@ -20,7 +20,8 @@
 //   dfs_fwd_ws_kernel    the forward on compute capability 9.0 when G is even (sm_90a): 384 threads,
 //                        a persistent grid over (H / 2) * slots items, two query heads per item
 //                        sharing each K/V tile (TMA copies, wgmma; its section below).
-//   dfs_bwd_delta_kernel delta[i, h] = sum_d dO[i, h, d] O[i, h, d] - dlse[i, h]; grid over N * H rows.
+//   dfs_bwd_delta_kernel delta[i, h] = sum_d dO[i, h, d] O[i, h, d] - dlse[i, h]; grid over N * H rows
+//                        (not run before the `_rf` Hopper dQ kernel, which computes delta itself).
 //   dfs_bwd_dkdv_kernel  grid Hkv * slots (slot = x / Hkv, ascending): one K tile and KV head; loops
 //                        over the Q tiles that see it and the G query heads of the group (a fixed
 //                        order: deterministic, no atomics).
@@ -434,7 +435,7 @@ __device__ __forceinline__ void dfs_tile_vis(unsigned long long (&vis)[2], const
 // Copy `per_head` resident [64][D] tiles (one tensor map each) of heads 2 pair and 2 pair + 1, rows
 // row0 .., to smem (tile m of head hh at (m * 2 + hh) * 64 D), completing on `bar`.
 template <typename T, int D>
-__device__ __forceinline__ void dfs_load_resident(T* smem, const TmaDesc* const (&maps)[2], int per_head, int pair,
+__device__ __forceinline__ void dfs_load_resident(T* smem, const TmaDesc* const (&maps)[3], int per_head, int pair,
                                                   int row0, u64* bar) {
   mbar_arrive_expect_tx(bar, per_head * 2 * kTile * D * sizeof(T));
   for (int m = 0; m < per_head; ++m)
@@ -519,7 +520,7 @@ struct DfsPairCta {
   // first warp produces. Per item taken from `work`: wait until the consumers have freed the
   // resident tiles, publish the item and copy its resident tiles (one map per kind), walk its K/V
   // tiles. Then one more phase of res_full with x = -1 ends the consumers.
-  __device__ __forceinline__ void produce(const TmaDesc* const (&maps)[2], const TmaDesc* tma_k, const TmaDesc* tma_v,
+  __device__ __forceinline__ void produce(const TmaDesc* const (&maps)[3], const TmaDesc* tma_k, const TmaDesc* tma_v,
                                           const int* __restrict__ end_k, const int* __restrict__ tiles,
                                           int num_slots, int num_heads, int group, int* work) {
     setmaxnreg_dec<kProducerRegs>();
@@ -571,7 +572,7 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
   cta.init_barriers();
 
   if (wg == 0) {
-    const TmaDesc* const maps[2] = {&tma_q, &tma_q};
+    const TmaDesc* const maps[3] = {&tma_q, &tma_q, &tma_q};  // Q only (PER_HEAD 1)
     cta.produce(maps, &tma_k, &tma_v, end_k, tiles, num_slots, num_heads, group, work);
     return;
   }
@@ -944,7 +945,10 @@ dfs_bwd_dq_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restri
 // dfs_bwd_dq_ws_kernel: the forward's shape (grid (H / 2) * slots; the producer walks the visible K
 //   tiles); Q and dO of both heads are resident. Per K tile: S = Q K^T, dP = dO V^T (Q and dO from
 //   shared memory, or with QDO_REGS from registers), P = exp2(S scale_log2 - lse2) masked,
-//   dS = P (dP - delta), dQ += dS K (dS from registers); dQ is scaled by softmax_scale.
+//   dS = P (dP - delta), dQ += dS K (dS from registers); dQ is scaled by softmax_scale. With
+//   QDO_REGS, O is resident too and the kernel computes its rows' delta itself (from the dO
+//   fragments and O's tile) and stores it; it then runs first, the dK/dV kernel reads that delta,
+//   and there is no pre-pass.
 template <int D>
 struct DfsDkdvWsConfig {
   static constexpr int kStages = 5;
@@ -1200,11 +1204,13 @@ template <typename T, int D, bool QDO_REGS>
 __global__ void __launch_bounds__(384, 1)
 dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__ TmaDesc tma_k,
                      const __grid_constant__ TmaDesc tma_v, const __grid_constant__ TmaDesc tma_do,
-                     const float* __restrict__ lse, const float* __restrict__ delta,
+                     const __grid_constant__ TmaDesc tma_o,
+                     const float* __restrict__ lse, float* __restrict__ delta,
                      const int* __restrict__ start_q, const int* __restrict__ end_k,
                      const int* __restrict__ tiles, int* __restrict__ work, int num_slots, T* __restrict__ dq,
-                     i64 dq_sn, i64 dq_sh, int num_heads, int group, float scale_log2, float scale) {
-  using Cta = DfsPairCta<T, D, 2, 4>;
+                     i64 dq_sn, i64 dq_sh, int num_heads, int group, float scale_log2, float scale,
+                     const float* __restrict__ dlse, i64 dl_sn, i64 dl_sh) {
+  using Cta = DfsPairCta<T, D, QDO_REGS ? 3 : 2, 4>;  // Q, dO (and O) of both heads resident
   using Cfg = typename Cta::Cfg;
   using Tile = WgTile<D, kTile>;
   static_assert(kHaveWgmma, "the warp-specialised backward needs the sm_90a target");
@@ -1215,7 +1221,7 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
   cta.init_barriers();
 
   if (wg == 0) {
-    const TmaDesc* const maps[2] = {&tma_q, &tma_do};
+    const TmaDesc* const maps[3] = {&tma_q, &tma_do, &tma_o};
     cta.produce(maps, &tma_k, &tma_v, end_k, tiles, num_slots, num_heads, group, work);
     return;
   }
@@ -1237,7 +1243,7 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
       sq_row[r] = start_q[row_c[r]];
       const float l = row < row_end ? lse[static_cast<i64>(row) * num_heads + h] : neg_inf();
       lse2[r] = l == neg_inf() ? pos_inf() : l * kLog2e;
-      dlt[r] = row < row_end ? delta[static_cast<i64>(row) * num_heads + h] : 0.f;
+      if constexpr (!QDO_REGS) dlt[r] = row < row_end ? delta[static_cast<i64>(row) * num_heads + h] : 0.f;
     }
     float dq_acc[D / 8][4];
 #pragma unroll
@@ -1247,12 +1253,36 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
     // that an asynchronous wgmma reads (NVRTC >= 13.3; flashtree/_jit/nvrtc.py).
     u32 qf[QDO_REGS ? D / 16 : 1][4], dof[QDO_REGS ? D / 16 : 1][4];
     if constexpr (QDO_REGS) {
+      // delta = rowsum(dO O) - dlse of the lane's rows, stored for the dK/dV kernel that runs next
+      // (no pre-pass): dO's and O's resident tiles read as A fragments, so each lane multiplies its
+      // own 32 columns of rows g and g + 8 (registers 0, 2 and 1, 3 of each fragment), then its quad
+      // adds. Before Q and dO move to registers: fewer registers live.
+      float sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        u32 of[4], df[4];
+        load_a_frag<D, Tile>(of, cta.res + (4 + cw) * Cfg::kTileElems, 16 * w4, kk, lane);
+        load_a_frag<D, Tile>(df, cta.res + (2 + cw) * Cfg::kTileElems, 16 * w4, kk, lane);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 ov = unpack2<T>(of[e]), dv = unpack2<T>(df[e]);
+          sum[e % 2] = fmaf(ov.x, dv.x, fmaf(ov.y, dv.y, sum[e % 2]));
+        }
+      }
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         load_a_frag<D, Tile>(qf[kk], cta.res + cw * Cfg::kTileElems, 16 * w4, kk, lane);
         load_a_frag<D, Tile>(dof[kk], cta.res + (2 + cw) * Cfg::kTileElems, 16 * w4, kk, lane);
       }
       mbar_arrive(cta.res_free);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + 16 * w4 + g + 8 * r;
+        float d = quad_sum(sum[r]);
+        if (row < row_end && dlse != nullptr) d -= dlse[static_cast<i64>(row) * dl_sn + h * dl_sh];
+        dlt[r] = row < row_end ? d : 0.f;
+        if (row < row_end && c4 == 0) delta[static_cast<i64>(row) * num_heads + h] = dlt[r];
+      }
     }
 
     for (;; ++t) {

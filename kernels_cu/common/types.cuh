@@ -59,6 +59,13 @@ template <> __device__ __forceinline__ u32 pack2<bf16>(float a, float b) {
   return r;
 }
 
+// The inverse of pack2: the two 16-bit values of a register as floats (lo, hi).
+template <typename T>
+__device__ __forceinline__ float2 unpack2(u32 w) {
+  const T* e = reinterpret_cast<const T*>(&w);
+  return make_float2(to_float(e[0]), to_float(e[1]));
+}
+
 // Elements of T in one 16-byte vector.
 template <typename T> struct VecWidth { static constexpr int value = 16 / sizeof(T); };
 
