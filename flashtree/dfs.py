@@ -32,7 +32,7 @@ current one. Each item is computed by one CTA in a fixed order, so results stay 
 deterministic. Producers find the next visible tile with one warp ballot over 32 table rows.
 
 Backward, deterministic without atomics: ``delta = rowsum(dO * O) - dlse`` (a pre-pass, or on Hopper
-with NVRTC >= 13.3 inside the dQ kernel, which then runs first); kernel A per
+inside the dQ kernel, which then runs first); kernel A per
 (K tile, KV head) loops over the Q tiles that see it and over the G query heads of the group,
 accumulating dK and dV in registers (the GQA reduction happens in a fixed order); kernel B per
 (Q tile, query head) loops over the visible K tiles computing dQ. The op is always deterministic;
@@ -140,10 +140,9 @@ def fwd_ws_smem(head_dim: int) -> int:
     return _ws_smem(head_dim, 2, _WS_STAGES, 4 * TILE + 16, _PAIR_TAIL)
 
 
-def dq_ws_smem(head_dim: int, qdo_regs: bool = False) -> int:
-    """dfs_bwd_dq_ws_kernel: Q and dO (with qdo_regs, the `_rf` kernel, also O) of 2 heads, 4
-    stages of K + V with their 64 end_k."""
-    return _ws_smem(head_dim, 6 if qdo_regs else 4, 4, 4 * TILE + 16, _PAIR_TAIL)
+def dq_ws_smem(head_dim: int) -> int:
+    """dfs_bwd_dq_ws_kernel: Q, dO and O of 2 heads, 4 stages of K + V with their 64 end_k."""
+    return _ws_smem(head_dim, 6, 4, 4 * TILE + 16, _PAIR_TAIL)
 
 
 def dkdv_ws_smem(head_dim: int) -> int:
@@ -264,7 +263,7 @@ def _launch_bwd(do, q, k, v, o, lse, dlse, start_q, end_k, tiles, dq, dk, dv, de
     dlse_args = (_ptr(dlse), np.int64(dlse.stride(0) if dlse is not None else 0),
                  np.int64(dlse.stride(1) if dlse is not None else 0))
     ws = use_ws_forward(q, k)
-    if not (ws and _dq_computes_delta(q.dtype, d)):
+    if not ws:  # the Hopper dQ kernel computes delta itself
         rows = _THREADS * 8 // d  # delta pre-pass: 16 bytes per thread
         _jit.get_kernel(delta_spec(q.dtype, d), dev)(
             ((n * h + rows - 1) // rows, 1, 1), (_THREADS, 1, 1),
@@ -286,29 +285,20 @@ def _launch_bwd(do, q, k, v, o, lse, dlse, start_q, end_k, tiles, dq, dk, dv, de
         smem=dq_smem(d))
 
 
-def _dq_computes_delta(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the Hopper dQ kernel computes delta itself (its `_rf` specialisation): then it runs
-    before the dK/dV kernel and the delta pre-pass is skipped."""
-    return bwd_ws_spec("dq", dtype, head_dim).template_args[-1] == "true"
-
-
 def _launch_bwd_ws(do, q, k, v, o, lse, dlse_args, start_q, end_k, tiles, dq, dk, dv, delta, scale) -> None:
-    """The Hopper backward: dfs_bwd_dq_ws_kernel (which computes delta, or reads the pre-pass's) then
-    dfs_bwd_dkdv_ws_kernel."""
+    """The Hopper backward: dfs_bwd_dq_ws_kernel, which also computes delta, then dfs_bwd_dkdv_ws_kernel."""
     n, h, d = q.shape
     hkv, slots = k.shape[1], tiles.shape[0]
     box = (64, 1, TILE)
     maps = tuple(tma.swizzled_map(x, box) for x in (q, k, v, do))
     rows = (lse.data_ptr(), delta.data_ptr(), start_q.data_ptr(), end_k.data_ptr(), tiles.data_ptr(), slots)
     tail = (h, h // hkv, scale * math.log2(math.e), scale)
-    rf = _dq_computes_delta(q.dtype, d)
     kernel = _jit.get_kernel(bwd_ws_spec("dq", q.dtype, d), q.device)
     work = torch.zeros(1, dtype=torch.int32, device=q.device)  # the item counter
-    o_map = tma.swizzled_map(o, box) if rf else maps[3]  # read only by the `_rf` kernel
     kernel.launch((_pair_grid(h, slots, q.device), 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel, 5, _DQ_WS_TAIL),
-                  maps + (o_map,) + rows[:-1] + (work.data_ptr(), slots, dq.data_ptr(), *dq.stride()[:2]) + tail
-                  + dlse_args,
-                  smem=dq_ws_smem(d, rf))
+                  maps + (tma.swizzled_map(o, box),) + rows[:-1]
+                  + (work.data_ptr(), slots, dq.data_ptr(), *dq.stride()[:2]) + tail + dlse_args,
+                  smem=dq_ws_smem(d))
     kernel = _jit.get_kernel(bwd_ws_spec("dkdv", q.dtype, d), q.device)
     kernel.launch((hkv * slots, 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel, 4, _DKDV_WS_TAIL),
                   maps + rows + (dk.data_ptr(), *dk.stride()[:2], dv.data_ptr(), *dv.stride()[:2]) + tail,

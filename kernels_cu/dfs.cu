@@ -21,7 +21,7 @@
 //                        a persistent grid over (H / 2) * slots items, two query heads per item
 //                        sharing each K/V tile (TMA copies, wgmma; its section below).
 //   dfs_bwd_delta_kernel delta[i, h] = sum_d dO[i, h, d] O[i, h, d] - dlse[i, h]; grid over N * H rows
-//                        (not run before the `_rf` Hopper dQ kernel, which computes delta itself).
+//                        (not run before the Hopper dQ kernel, which computes delta itself).
 //   dfs_bwd_dkdv_kernel  grid Hkv * slots (slot = x / Hkv, ascending): one K tile and KV head; loops
 //                        over the Q tiles that see it and the G query heads of the group (a fixed
 //                        order: deterministic, no atomics).
@@ -945,10 +945,9 @@ dfs_bwd_dq_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restri
 // dfs_bwd_dq_ws_kernel: the forward's shape (grid (H / 2) * slots; the producer walks the visible K
 //   tiles); Q and dO of both heads are resident. Per K tile: S = Q K^T, dP = dO V^T (Q and dO from
 //   shared memory, or with QDO_REGS from registers), P = exp2(S scale_log2 - lse2) masked,
-//   dS = P (dP - delta), dQ += dS K (dS from registers); dQ is scaled by softmax_scale. With
-//   QDO_REGS, O is resident too and the kernel computes its rows' delta itself (from the dO
-//   fragments and O's tile) and stores it; it then runs first, the dK/dV kernel reads that delta,
-//   and there is no pre-pass.
+//   dS = P (dP - delta), dQ += dS K (dS from registers); dQ is scaled by softmax_scale. O is
+//   resident too: the kernel computes its rows' delta itself (from dO's and O's tiles) and stores
+//   it; it runs first, the dK/dV kernel reads that delta, and there is no pre-pass.
 template <int D>
 struct DfsDkdvWsConfig {
   static constexpr int kStages = 5;
@@ -1210,7 +1209,7 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
                      const int* __restrict__ tiles, int* __restrict__ work, int num_slots, T* __restrict__ dq,
                      i64 dq_sn, i64 dq_sh, int num_heads, int group, float scale_log2, float scale,
                      const float* __restrict__ dlse, i64 dl_sn, i64 dl_sh) {
-  using Cta = DfsPairCta<T, D, QDO_REGS ? 3 : 2, 4>;  // Q, dO (and O) of both heads resident
+  using Cta = DfsPairCta<T, D, 3, 4>;  // Q, dO and O of both heads resident
   using Cfg = typename Cta::Cfg;
   using Tile = WgTile<D, kTile>;
   static_assert(kHaveWgmma, "the warp-specialised backward needs the sm_90a target");
@@ -1243,20 +1242,15 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
       sq_row[r] = start_q[row_c[r]];
       const float l = row < row_end ? lse[static_cast<i64>(row) * num_heads + h] : neg_inf();
       lse2[r] = l == neg_inf() ? pos_inf() : l * kLog2e;
-      if constexpr (!QDO_REGS) dlt[r] = row < row_end ? delta[static_cast<i64>(row) * num_heads + h] : 0.f;
     }
     float dq_acc[D / 8][4];
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) dq_acc[i][0] = dq_acc[i][1] = dq_acc[i][2] = dq_acc[i][3] = 0.f;
-    // QDO_REGS: Q and dO as register A fragments, so S and dP read only K and V from shared memory,
-    // and the next item's Q and dO may land while this one runs. Only where ptxas keeps registers
-    // that an asynchronous wgmma reads (NVRTC >= 13.3; flashtree/_jit/nvrtc.py).
-    u32 qf[QDO_REGS ? D / 16 : 1][4], dof[QDO_REGS ? D / 16 : 1][4];
-    if constexpr (QDO_REGS) {
-      // delta = rowsum(dO O) - dlse of the lane's rows, stored for the dK/dV kernel that runs next
-      // (no pre-pass): dO's and O's resident tiles read as A fragments, so each lane multiplies its
-      // own 32 columns of rows g and g + 8 (registers 0, 2 and 1, 3 of each fragment), then its quad
-      // adds. Before Q and dO move to registers: fewer registers live.
+    // delta = rowsum(dO O) - dlse of the lane's rows, stored for the dK/dV kernel that runs next
+    // (no pre-pass): dO's and O's resident tiles read as A fragments, so each lane multiplies its
+    // own 32 columns of rows g and g + 8 (registers 0, 2 and 1, 3 of each fragment), then its quad
+    // adds. Before Q and dO move to registers (QDO_REGS): fewer registers live.
+    {
       float sum[2] = {0.f, 0.f};
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
@@ -1270,12 +1264,6 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
         }
       }
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        load_a_frag<D, Tile>(qf[kk], cta.res + cw * Cfg::kTileElems, 16 * w4, kk, lane);
-        load_a_frag<D, Tile>(dof[kk], cta.res + (2 + cw) * Cfg::kTileElems, 16 * w4, kk, lane);
-      }
-      mbar_arrive(cta.res_free);
-#pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int row = row0 + 16 * w4 + g + 8 * r;
         float d = quad_sum(sum[r]);
@@ -1283,6 +1271,18 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
         dlt[r] = row < row_end ? d : 0.f;
         if (row < row_end && c4 == 0) delta[static_cast<i64>(row) * num_heads + h] = dlt[r];
       }
+    }
+    // QDO_REGS: Q and dO as register A fragments, so S and dP read only K and V from shared memory,
+    // and the next item's Q and dO may land while this one runs. Only where ptxas keeps registers
+    // that an asynchronous wgmma reads (NVRTC >= 13.3; flashtree/_jit/nvrtc.py).
+    u32 qf[QDO_REGS ? D / 16 : 1][4], dof[QDO_REGS ? D / 16 : 1][4];
+    if constexpr (QDO_REGS) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        load_a_frag<D, Tile>(qf[kk], cta.res + cw * Cfg::kTileElems, 16 * w4, kk, lane);
+        load_a_frag<D, Tile>(dof[kk], cta.res + (2 + cw) * Cfg::kTileElems, 16 * w4, kk, lane);
+      }
+      mbar_arrive(cta.res_free);
     }
 
     for (;; ++t) {

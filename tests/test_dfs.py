@@ -258,7 +258,7 @@ def test_dfs_specs_compile_without_spills(arch, tmp_path, monkeypatch):
     for d in dfs.HEAD_DIMS:
         # two CTAs per SM fit (launch bounds assume it) on the larger parts; the Hopper forward: one
         assert max(dfs.fwd_smem(d), dfs.dkdv_smem(d), dfs.dq_smem(d)) <= limit
-        assert max(dfs.fwd_ws_smem(d), dfs.dq_ws_smem(d, True), dfs.dkdv_ws_smem(d)) <= 227 * 1024
+        assert max(dfs.fwd_ws_smem(d), dfs.dq_ws_smem(d), dfs.dkdv_ws_smem(d)) <= 227 * 1024
 
 
 def test_dq_register_fragments_only_where_ptxas_keeps_them(monkeypatch):
