@@ -23,12 +23,12 @@ Forward on Hopper (compute capability 9.0, G = H / Hkv even; FLASHTREE_WGMMA=0 t
 sm_90a kernel in which a producer warp walks the visible K tiles and copies them by TMA while two
 consumer warpgroups run two query heads of the KV group on wgmma over the same tiles
 (``dfs_fwd_ws_kernel``); elsewhere the portable mma.sync kernel. Under the same condition the
-backward runs ``dfs_bwd_dkdv_ws_kernel`` (one K/V tile per CTA; the producer copies each (Q tile,
-head) item's Q and dO; the two consumers take alternate items) and ``dfs_bwd_dq_ws_kernel`` (the
-forward's shape, Q and dO resident). The forward and dQ kernels are persistent: one CTA per SM takes
-(Q tile, pair of heads) items, longest rows first, from an atomic counter zeroed before the launch,
-and its producer walks the next item's tiles into the same ring while the consumers finish the
-current one. Each item is computed by one CTA in a fixed order, so results stay bitwise
+backward runs ``dfs_bwd_dq_ws_kernel`` (the forward's shape; Q, dO and O resident; it also computes
+delta) and then ``dfs_bwd_dkdv_ws_kernel`` (one K/V tile per CTA; the producer copies each (Q tile,
+head) item's Q and dO; the two consumers take alternate items). The forward and dQ kernels are
+persistent: one CTA per SM takes (Q tile, pair of heads) items, longest rows first, from an atomic
+counter zeroed before the launch, and its producer walks the next item's tiles into the same ring
+while the consumers finish the current one. Each item is computed by one CTA in a fixed order, so results stay bitwise
 deterministic. Producers find the next visible tile with one warp ballot over 32 table rows.
 
 Backward, deterministic without atomics: ``delta = rowsum(dO * O) - dlse`` (a pre-pass, or on Hopper
