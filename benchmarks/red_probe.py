@@ -65,43 +65,38 @@ extern "C" __global__ void probe_bulk(float* acc, int tiles, int heads, int item
 """
 
 
+def _time_ms(fn, ctas, args, smem=0):
+    """Mean milliseconds of 3 launches of fn after one warm-up."""
+    fn((ctas,), (128,), args, shared_mem=smem)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    start.record()
+    for _ in range(3):
+        fn((ctas,), (128,), args, shared_mem=smem)
+    stop.record()
+    stop.synchronize()
+    return cp.cuda.get_elapsed_time(start, stop) / 3
+
+
 def main():
     mod = cp.RawModule(code=SRC, options=("-std=c++17", "-arch=sm_90"))
-    fn = mod.get_function("probe")
     n, heads = 24576, 32
     tiles = n // 64
     acc = cp.zeros((n, heads, 128), dtype=cp.float32)
     ctas, per = 132 * 16, 64  # 135168 blocks of 32 KB = 4.4 GB of partials
     blocks = ctas * per
-    for mode, name in ((2, "st.global.v2 (no reduction)"), (0, "atomicAdd f32"), (1, "red.global.add.v2.f32")):
-        fn((ctas,), (128,), (acc, np.int32(tiles), np.int32(heads), np.int32(per), np.int32(mode)))
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        for _ in range(3):
-            fn((ctas,), (128,), (acc, np.int32(tiles), np.int32(heads), np.int32(per), np.int32(mode)))
-        stop.record()
-        stop.synchronize()
-        ms = cp.cuda.get_elapsed_time(start, stop) / 3
-        gb = blocks * 64 * 128 * 4 / 1e9
-        print(f"{name:30s} {gb:.2f} GB of partials in {ms:.3f} ms: {gb / ms:.2f} TB/s")
-    bulk = mod.get_function("probe_bulk")
-    bulk.max_dynamic_shared_size_bytes = 2 * 64 * 128 * 4
-    for contended, name in ((0, "bulk reduce, random"), (1, "bulk reduce, contended")):
-        args = (acc, np.int32(tiles), np.int32(heads), np.int32(per), np.int32(contended))
-        bulk((ctas,), (128,), args, shared_mem=2 * 64 * 128 * 4)
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        for _ in range(3):
-            bulk((ctas,), (128,), args, shared_mem=2 * 64 * 128 * 4)
-        stop.record()
-        stop.synchronize()
-        ms = cp.cuda.get_elapsed_time(start, stop) / 3
-        gb = blocks * 64 * 128 * 4 / 1e9
+    gb = blocks * 64 * 128 * 4 / 1e9
+    fn, bulk = mod.get_function("probe"), mod.get_function("probe_bulk")
+    smem = 2 * 64 * 128 * 4
+    bulk.max_dynamic_shared_size_bytes = smem
+    runs = [(fn, mode, 0, name) for mode, name in
+            ((2, "st.global.v2 (no reduction)"), (0, "atomicAdd f32"), (1, "red.global.add.v2.f32"))]
+    runs += [(bulk, mode, smem, name) for mode, name in ((0, "bulk reduce, random"), (1, "bulk reduce, contended"))]
+    for kernel, mode, shared, name in runs:
+        ms = _time_ms(kernel, ctas, (acc, np.int32(tiles), np.int32(heads), np.int32(per), np.int32(mode)), shared)
         print(f"{name:30s} {gb:.2f} GB of partials in {ms:.3f} ms: {gb / ms:.2f} TB/s")
     acc.fill(0)  # the contended mode's sums are checked: every block adds 45056 in all
-    bulk((ctas,), (128,), (acc, np.int32(tiles), np.int32(heads), np.int32(per), np.int32(1)), shared_mem=2 * 64 * 128 * 4)
+    bulk((ctas,), (128,), (acc, np.int32(tiles), np.int32(heads), np.int32(per), np.int32(1)), shared_mem=smem)
     print(f"bulk reduce check: sum {float(acc.sum(dtype=cp.float64)):.0f}, expected {blocks * 45056}")
-
 
 if __name__ == "__main__":
     main()

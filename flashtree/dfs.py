@@ -28,14 +28,15 @@ delta) and then ``dfs_bwd_dkdv_ws_kernel`` (one K/V tile per CTA; the producer c
 head) item's Q and dO; the two consumers take alternate items). The forward and dQ kernels are
 persistent: one CTA per SM takes (Q tile, pair of heads) items, longest rows first, from an atomic
 counter zeroed before the launch, and its producer walks the next item's tiles into the same ring
-while the consumers finish the current one. Each item is computed by one CTA in a fixed order, so results stay bitwise
-deterministic. Producers find the next visible tile with one warp ballot over 32 table rows.
+while the consumers finish the current one. Each item is computed by one CTA in a fixed order, so
+results stay bitwise deterministic. Producers find the next visible tile with one warp ballot over
+32 table rows.
 
 Backward, deterministic without atomics: ``delta = rowsum(dO * O) - dlse`` (a pre-pass, or on Hopper
-inside the dQ kernel, which then runs first); kernel A per
-(K tile, KV head) loops over the Q tiles that see it and over the G query heads of the group,
-accumulating dK and dV in registers (the GQA reduction happens in a fixed order); kernel B per
-(Q tile, query head) loops over the visible K tiles computing dQ. The op is always deterministic;
+inside the dQ kernel, which then runs first); kernel A per (K tile, KV head) loops over the Q tiles
+that see it and over the G query heads of the group, accumulating dK and dV in registers (the GQA
+reduction happens in a fixed order); kernel B per (Q tile, query head) loops over the visible K
+tiles computing dQ. The op is always deterministic;
 ``deterministic=True`` is accepted and changes nothing.
 """
 from __future__ import annotations
@@ -262,15 +263,13 @@ def _launch_bwd(do, q, k, v, o, lse, dlse, start_q, end_k, tiles, dq, dk, dv, de
     dev = q.device
     dlse_args = (_ptr(dlse), np.int64(dlse.stride(0) if dlse is not None else 0),
                  np.int64(dlse.stride(1) if dlse is not None else 0))
-    ws = use_ws_forward(q, k)
-    if not ws:  # the Hopper dQ kernel computes delta itself
-        rows = _THREADS * 8 // d  # delta pre-pass: 16 bytes per thread
-        _jit.get_kernel(delta_spec(q.dtype, d), dev)(
-            ((n * h + rows - 1) // rows, 1, 1), (_THREADS, 1, 1),
-            (_ptr(o), *_i64(o), _ptr(do), *_i64(do)) + dlse_args + (_ptr(delta), np.int32(n), np.int32(h)))
-    if ws:
+    if use_ws_forward(q, k):  # the Hopper dQ kernel computes delta itself
         _launch_bwd_ws(do, q, k, v, o, lse, dlse_args, start_q, end_k, tiles, dq, dk, dv, delta, scale)
         return
+    rows = _THREADS * 8 // d  # delta pre-pass: 16 bytes per thread
+    _jit.get_kernel(delta_spec(q.dtype, d), dev)(
+        ((n * h + rows - 1) // rows, 1, 1), (_THREADS, 1, 1),
+        (_ptr(o), *_i64(o), _ptr(do), *_i64(do)) + dlse_args + (_ptr(delta), np.int32(n), np.int32(h)))
     scale_log2 = np.float32(scale * math.log2(math.e))
     common = (_ptr(q), *_i64(q), _ptr(k), *_i64(k), _ptr(v), *_i64(v), _ptr(do), *_i64(do),
               _ptr(lse), _ptr(delta), _ptr(start_q), _ptr(end_k), _ptr(tiles), np.int32(tiles.shape[0]))
