@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from . import _checks, _interop, _jit, reference
+from ._jit import tma
 from .kvcache.tree_cache import TreeKVCache
 
 HEAD_DIMS = (64, 128)
@@ -65,6 +66,7 @@ DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_M = 64   # query rows per work item (kernels_cu/deft.cu: DeftConfig::kBlockM)
 WS_BLOCK_M = 128  # the Hopper warp-specialised kernel's (DeftWsConfig::kBlockM)
 WS_STAGES = 6     # its ring of 64-key K/V tiles (DeftWsConfig::kStages)
+WS_THREADS = 384  # a producer and two consumer warpgroups
 BLOCK_N = 64   # keys per KV tile
 CTA_OVERHEAD_KEYS = 128  # L0 of the chunk-length model (module docstring)
 PARTIAL_ROW_KEYS = 2     # one fp32 partial row written and read back ~ 2 keys' K + V (bf16)
@@ -526,6 +528,8 @@ _LOG2E = math.log2(math.e)
 # strides each), log2 page,
 # six plan arrays, mid_o, mid_lse, num_heads, group, the base-2 scale.
 _PARTIAL_PARAMS = _jit.param_layout("Qqq Qqii Qqii i QQQQQQ QQ ii f")
+# deft_partial_ws_kernel: the K and V pools' tensor maps, the TMA box's rows, then as deft_partial_kernel.
+_WS_TAIL = _jit.param_layout("i Qqq Qqii Qqii i QQQQQQ QQ ii f")
 # deft_merge_kernel: mid_o, mid_lse, q_indptr, slot_idx, out (pointer, 2 strides), lse, Q, H.
 _MERGE_PARAMS = _jit.param_layout("QQQQ Qqq Q ii")
 
@@ -546,7 +550,7 @@ class _Validated:
 def _validated_entry(q, k_pool, v_pool, scale, block_m) -> _Validated:
     d = q.shape[2]
     if block_m == WS_BLOCK_M:
-        partial = (_jit.get_kernel(ws_spec(q.dtype, d), q.device), _ws_smem_bytes(d), 384)
+        partial = (_jit.get_kernel(ws_spec(q.dtype, d), q.device), _ws_smem_bytes(d), WS_THREADS)
     else:
         wgmma = use_wgmma(q.device)
         partial = (_jit.get_kernel(spec(q.dtype, d, wgmma), q.device), _smem_bytes(d, wgmma), 128)
@@ -561,9 +565,17 @@ def _launch(q, k_pool, v_pool, plan, entry: _Validated, mid_o: int, mid_lse: int
     if plan.num_work == 0 or nq == 0:
         return
     at = plan.addresses.__getitem__
+    layout, maps = _PARTIAL_PARAMS, ()
+    if entry.partial_threads == WS_THREADS:
+        # K/V tiles at consecutive slots go by TMA: the pool [pages, Hkv, P, D] as a 4-D tensor map,
+        # one box = 64 keys (min(P, 64) rows of 64 // min(P, 64) consecutive pages) x 64 columns
+        rows = min(plan.page_size, BLOCK_N)
+        box = (64, rows, 1, BLOCK_N // rows)
+        layout = tma.param_layout(entry.partial, 2, _WS_TAIL)
+        maps = (tma.swizzled_map(k_pool, box), tma.swizzled_map(v_pool, box), rows)
     entry.partial.launch(
-        (plan.num_work * plan.num_kv_heads, 1, 1), (entry.partial_threads, 1, 1), _PARTIAL_PARAMS,
-        (
+        (plan.num_work * plan.num_kv_heads, 1, 1), (entry.partial_threads, 1, 1), layout,
+        maps + (
             q.data_ptr(), *q.stride()[:2],
             k_pool.data_ptr(), *k_pool.stride()[:3],
             v_pool.data_ptr(), *v_pool.stride()[:3],

@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import struct
 import weakref
 
 import numpy as np
@@ -211,23 +210,6 @@ def _launch_tiles(cu_seqlens, start_q, end_k, tiles) -> None:
 _WS_TAIL = _jit.param_layout("QQQQi Qqq QQ iif")  # dfs_fwd_ws_kernel's parameters after its 3 tensor maps
 _DKDV_WS_TAIL = _jit.param_layout("QQQQQi Qqq Qqq iiff")  # dfs_bwd_dkdv_ws_kernel's after its 4
 _DQ_WS_TAIL = _jit.param_layout("QQQQQQi Qqq iiff Qqq")  # dfs_bwd_dq_ws_kernel's after its 5
-_ws_layouts: dict[int, struct.Struct] = {}
-
-
-def _ws_layout(kernel, maps: int, tail: struct.Struct) -> struct.Struct:
-    """A Hopper kernel's parameter buffer: `maps` tensor maps (128 bytes, 64-byte aligned: the
-    compiler may start them past offset 0, so the offset is read from the loaded kernel), then the
-    rest (`tail`)."""
-    layout = _ws_layouts.get(id(kernel))
-    if layout is None:
-        first = kernel.param_offset(0)
-        if first % 8 or kernel.param_offset(maps) != first + 128 * maps:
-            raise RuntimeError(f"{kernel.kernel.lowered_name}: unexpected parameter offsets {first}, "
-                               f"{kernel.param_offset(maps)}")
-        layout = _ws_layouts[id(kernel)] = struct.Struct("<" + "x" * first + "128s" * maps + tail.format[1:])
-    return layout
-
-
 def _pair_grid(num_heads: int, slots: int, device: torch.device) -> int:
     """The persistent grid of dfs_fwd_ws_kernel and dfs_bwd_dq_ws_kernel: one CTA per SM (their
     shared memory allows one), at most one per (Q tile, pair of heads) item."""
@@ -241,7 +223,7 @@ def _launch_fwd(q, k, v, start_q, end_k, tiles, o, lse, scale, visited) -> None:
         box = (64, 1, TILE)  # 64 columns of one head, 64 rows: a WgTile column block
         work = torch.zeros(1, dtype=torch.int32, device=q.device)  # the item counter
         kernel.launch(
-            (_pair_grid(h, tiles.shape[0], q.device), 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel, 3, _WS_TAIL),
+            (_pair_grid(h, tiles.shape[0], q.device), 1, 1), (3 * _THREADS, 1, 1), tma.param_layout(kernel, 3, _WS_TAIL),
             (tma.swizzled_map(q, box), tma.swizzled_map(k, box), tma.swizzled_map(v, box),
              start_q.data_ptr(), end_k.data_ptr(), tiles.data_ptr(), work.data_ptr(), tiles.shape[0],
              o.data_ptr(), *o.stride()[:2], lse.data_ptr(), visited.data_ptr() if visited is not None else 0,
@@ -294,12 +276,12 @@ def _launch_bwd_ws(do, q, k, v, o, lse, dlse_args, start_q, end_k, tiles, dq, dk
     tail = (h, h // hkv, scale * math.log2(math.e), scale)
     kernel = _jit.get_kernel(bwd_ws_spec("dq", q.dtype, d), q.device)
     work = torch.zeros(1, dtype=torch.int32, device=q.device)  # the item counter
-    kernel.launch((_pair_grid(h, slots, q.device), 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel, 5, _DQ_WS_TAIL),
+    kernel.launch((_pair_grid(h, slots, q.device), 1, 1), (3 * _THREADS, 1, 1), tma.param_layout(kernel, 5, _DQ_WS_TAIL),
                   maps + (tma.swizzled_map(o, box),) + rows[:-1]
                   + (work.data_ptr(), slots, dq.data_ptr(), *dq.stride()[:2]) + tail + dlse_args,
                   smem=dq_ws_smem(d))
     kernel = _jit.get_kernel(bwd_ws_spec("dkdv", q.dtype, d), q.device)
-    kernel.launch((hkv * slots, 1, 1), (3 * _THREADS, 1, 1), _ws_layout(kernel, 4, _DKDV_WS_TAIL),
+    kernel.launch((hkv * slots, 1, 1), (3 * _THREADS, 1, 1), tma.param_layout(kernel, 4, _DKDV_WS_TAIL),
                   maps + rows + (dk.data_ptr(), *dk.stride()[:2], dv.data_ptr(), *dv.stride()[:2]) + tail,
                   smem=dkdv_ws_smem(d))
 

@@ -377,18 +377,23 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 //   Producer, per tile: wait until its stage is empty; take the tile's 64 records (loaded a tile
 //   ahead into registers); vote whether every query of the item sees every key (then the tile is
 //   "full"); otherwise write the 64 visibility bits of each query of the item; issue the K/V
-//   copies (cp.async, the page lookups from the records by shuffles). Tile it is published after
-//   tile it + kLag is issued (so kLag + 1 tiles' copies are in flight): wait for its copies, fence
-//   them for the async proxy (wgmma reads), arrive on its `full` mbarrier (which also publishes the
-//   bits and the flag).
+//   copies. A tile whose keys sit at consecutive slots from a box boundary (tma_rows: whole pages
+//   of P < 64 rows, or 64 rows of one page) is copied by TMA, one box per 64 columns of K and of V
+//   (tensor maps of the pools [pages, Hkv, P, D]); the stage completes on the boxes' bytes, so the
+//   producer arrives at once. Any other tile is gathered by cp.async (the page lookups from the
+//   records by shuffles) and published after tile it + kLag is issued (so kLag + 1 tiles' copies
+//   are in flight): wait for its copies, fence them for the async proxy (wgmma reads), arrive on
+//   its `full` mbarrier (which also publishes the bits and the flag). tma_rows = 0: every tile is
+//   gathered.
 //   Consumer: Q rows through the ring's last stage into registers (A fragments), then an arrival on
 //   that stage's `empty` barrier (its first phase); per tile wait for `full`,
 //   one wg_attention_step unless the tile belongs to the other consumer, then each warp arrives on
 //   the stage's `empty` mbarrier (both products have completed); at the end the split merge (through
 //   the idle ring) and the store.
-// Measured and dropped (benchmarks/NOTES.md, session 6): TMA copies, 128-key tiles, Q in shared
-// memory, register reallocation between the warpgroups, ping-pong ordering of the consumers, a
-// persistent grid (its split-merge buffer cost a stage: slower).
+// Measured and dropped (benchmarks/NOTES.md, session 6): TMA boxes of one key or of 8 keys for every
+// tile, 128-key tiles, Q in shared memory, register reallocation between the warpgroups, ping-pong
+// ordering of the consumers, a persistent grid (its split-merge buffer cost a stage: slower). Session
+// 12 and 13: the pipelined consumer step (wg_attention_step_pipelined) measured slower here.
 template <int D>
 struct DeftWsConfig {
   static constexpr int kThreads = 384;
@@ -430,7 +435,8 @@ struct DeftWsItem {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(384, 1)
-deft_partial_ws_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
+deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_constant__ TmaDesc tma_v, int tma_rows,
+                       const T* __restrict__ q, i64 q_sq, i64 q_sh,
                        const T* __restrict__ k_pool, i64 k_sp, int k_sh, int k_sr,
                        const T* __restrict__ v_pool, i64 v_sp, int v_sh, int v_sr, int log2_page,
                        const DeftToken* __restrict__ tokens, const DeftChunk* __restrict__ chunks,
@@ -475,6 +481,11 @@ deft_partial_ws_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
     };
     DeftToken rec_next[2];
     load_records(0, rec_next);
+    u32 by_tma = 0;  // bit it % 32: tile it was copied by TMA (its stage completes on the copy's bytes)
+    if (tma_rows > 0 && tid == 0) {
+      tma_prefetch_desc(&tma_k);
+      tma_prefetch_desc(&tma_v);
+    }
     for (int it = 0; it < w.num_tiles; ++it) {
       const int stage = it % S;
       const int tile_start = w.ch.tok_begin + it * 64;
@@ -501,11 +512,35 @@ deft_partial_ws_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
           }
         }
       }
-      const int my_slot = pw < 2 ? rec[0].slot : rec[1].slot;
       T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
       T* sv = sk + Cfg::kTileElems;
+      // A tile whose 64 keys sit at consecutive slots from a multiple of tma_rows (whole pages, or
+      // 64 rows of one page) is one box per 64 columns of K and V: the TMA copies it, and the stage
+      // completes on its bytes, so it is published at once instead of kLag tiles later.
+      bool dense = false;
+      int s0 = 0;
+      if (tma_rows > 0) {
+        s0 = __shfl_sync(0xffffffffu, rec[0].slot, 0);
+        dense = __all_sync(0xffffffffu, tile_start + 64 <= w.ch.tok_end && rec[0].slot == s0 + lane &&
+                                            rec[1].slot == s0 + 32 + lane) &&
+                (s0 & (tma_rows - 1)) == 0;
+      }
+      by_tma = (by_tma & ~(1u << (it % 32))) | (static_cast<u32>(dense) << (it % 32));
+      if (dense) {
+        if (tid == 0) {
+          mbar_expect_tx(bar_full + stage, 2 * Cfg::kTileElems * sizeof(T));
+          const int prow = s0 & ((1 << log2_page) - 1), page = s0 >> log2_page;
 #pragma unroll
-      for (int j = 0; j < 16 / Cfg::kRowsPerPass; ++j) {
+          for (int c = 0; c < D / 64; ++c) {
+            tma_load_4d(smem_addr(sk + c * 64 * 64), &tma_k, 64 * c, prow, w.hk, page, bar_full + stage);
+            tma_load_4d(smem_addr(sv + c * 64 * 64), &tma_v, 64 * c, prow, w.hk, page, bar_full + stage);
+          }
+        }
+        mbar_arrive(bar_full + stage);  // after this thread's bits and flag
+      }
+      const int my_slot = pw < 2 ? rec[0].slot : rec[1].slot;
+#pragma unroll
+      for (int j = 0; !dense && j < 16 / Cfg::kRowsPerPass; ++j) {
         const int r = 16 * pw + lane / Cfg::kChunks + Cfg::kRowsPerPass * j;
         const int slot = __shfl_sync(0xffffffffu, my_slot, r % 32);
         const bool ok = tile_start + r < w.ch.tok_end;
@@ -515,8 +550,8 @@ deft_partial_ws_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
         cp_async_16(smem_addr(sk + Tile::offset(r, cc)), k_pool + (page * k_sp + (w.hk * k_sh + prow * k_sr + col)), ok ? 16 : 0);
         cp_async_16(smem_addr(sv + Tile::offset(r, cc)), v_pool + (page * v_sp + (w.hk * v_sh + prow * v_sr + col)), ok ? 16 : 0);
       }
-      cp_async_commit();
-      if (it >= Cfg::kLag) {  // publish tile it - kLag: its copies have landed
+      cp_async_commit();  // one group per tile (empty for a TMA tile): the waits count tiles
+      if (it >= Cfg::kLag && !((by_tma >> ((it - Cfg::kLag) % 32)) & 1u)) {  // publish tile it - kLag: its copies have landed
         cp_async_wait<Cfg::kLag>();
         fence_proxy_async();
         mbar_arrive(bar_full + (it - Cfg::kLag) % S);
@@ -524,7 +559,8 @@ deft_partial_ws_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
     }
     cp_async_wait<0>();
     fence_proxy_async();
-    for (int u = max(0, w.num_tiles - Cfg::kLag); u < w.num_tiles; ++u) mbar_arrive(bar_full + u % S);
+    for (int u = max(0, w.num_tiles - Cfg::kLag); u < w.num_tiles; ++u)
+      if (!((by_tma >> (u % 32)) & 1u)) mbar_arrive(bar_full + u % S);
     return;
   }
 

@@ -309,7 +309,7 @@ def test_kernel_random_trees(dtype, d, gen, stage1):
         (6, 2, 257, (8, 2)), (5, 4, 61, (28, 4)),
     ]
     for depth, branch, max_len, (h, hkv) in shapes:
-        c = build_tree(gen, depth=depth, max_branch=branch, max_len=max_len, page=(16, 8, 32)[depth % 3], hkv=hkv, d=d,
+        c = build_tree(gen, depth=depth, max_branch=branch, max_len=max_len, page=(16, 8, 32, 128)[depth % 4], hkv=hkv, d=d,
                        dtype=dtype, device="cuda", max_nodes=80, min_leaf=4)
         counts, masks = random_queries(c, gen, max_q=4)
         plan = deft.deft_plan(c, h, queries_per_leaf=counts, tail_masks=masks)

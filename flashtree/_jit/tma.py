@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
 
 import torch
 
@@ -52,3 +53,20 @@ def _map(ptr: int, shape: tuple, strides: tuple, dtype: torch.dtype, box: tuple)
         raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {err}) for shape {shape}, strides {strides}, "
                            f"{dtype}, box {box}")
     return ctypes.string_at(at, 128)
+
+
+_layouts: dict[int, struct.Struct] = {}
+
+
+def param_layout(kernel, maps: int, tail: struct.Struct) -> struct.Struct:
+    """The parameter buffer of a kernel that takes ``maps`` tensor maps first (128 bytes each,
+    64-byte aligned: the compiler may start them past offset 0, so the offset is read from the loaded
+    kernel) and then the parameters of ``tail`` (a ``runtime.param_layout``)."""
+    layout = _layouts.get(id(kernel))
+    if layout is None:
+        first = kernel.param_offset(0)
+        if first % 8 or kernel.param_offset(maps) != first + 128 * maps:
+            raise RuntimeError(f"{kernel.kernel.lowered_name}: unexpected parameter offsets {first}, "
+                               f"{kernel.param_offset(maps)}")
+        layout = _layouts[id(kernel)] = struct.Struct("<" + "x" * first + "128s" * maps + tail.format[1:])
+    return layout
