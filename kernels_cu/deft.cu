@@ -383,8 +383,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 //   producer arrives at once. Any other tile is gathered by cp.async (the page lookups from the
 //   records by shuffles) and published after tile it + kLag is issued (so kLag + 1 tiles' copies
 //   are in flight): wait for its copies, fence them for the async proxy (wgmma reads), arrive on
-//   its `full` mbarrier (which also publishes the bits and the flag). tma_rows = 0: every tile is
-//   gathered.
+//   its `full` mbarrier (which also publishes the bits and the flag).
 //   Consumer: Q rows through the ring's last stage into registers (A fragments), then an arrival on
 //   that stage's `empty` barrier (its first phase); per tile wait for `full`,
 //   one wg_attention_step unless the tile belongs to the other consumer, then each warp arrives on
@@ -482,7 +481,7 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
     DeftToken rec_next[2];
     load_records(0, rec_next);
     u32 by_tma = 0;  // bit it % 32: tile it was copied by TMA (its stage completes on the copy's bytes)
-    if (tma_rows > 0 && tid == 0) {
+    if (tid == 0) {
       tma_prefetch_desc(&tma_k);
       tma_prefetch_desc(&tma_v);
     }
@@ -517,14 +516,10 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
       // A tile whose 64 keys sit at consecutive slots from a multiple of tma_rows (whole pages, or
       // 64 rows of one page) is one box per 64 columns of K and V: the TMA copies it, and the stage
       // completes on its bytes, so it is published at once instead of kLag tiles later.
-      bool dense = false;
-      int s0 = 0;
-      if (tma_rows > 0) {
-        s0 = __shfl_sync(0xffffffffu, rec[0].slot, 0);
-        dense = __all_sync(0xffffffffu, tile_start + 64 <= w.ch.tok_end && rec[0].slot == s0 + lane &&
-                                            rec[1].slot == s0 + 32 + lane) &&
-                (s0 & (tma_rows - 1)) == 0;
-      }
+      const int s0 = __shfl_sync(0xffffffffu, rec[0].slot, 0);
+      const bool dense = __all_sync(0xffffffffu, tile_start + 64 <= w.ch.tok_end && rec[0].slot == s0 + lane &&
+                                                     rec[1].slot == s0 + 32 + lane) &&
+                         (s0 & (tma_rows - 1)) == 0;
       by_tma = (by_tma & ~(1u << (it % 32))) | (static_cast<u32>(dense) << (it % 32));
       if (dense) {
         if (tid == 0) {
