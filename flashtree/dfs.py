@@ -210,6 +210,8 @@ def _launch_tiles(cu_seqlens, start_q, end_k, tiles) -> None:
 _WS_TAIL = _jit.param_layout("QQQQi Qqq QQ iif")  # dfs_fwd_ws_kernel's parameters after its 3 tensor maps
 _DKDV_WS_TAIL = _jit.param_layout("QQQQQi Qqq Qqq iiff")  # dfs_bwd_dkdv_ws_kernel's after its 4
 _DQ_WS_TAIL = _jit.param_layout("QQQQQQi Qqq iiff Qqq")  # dfs_bwd_dq_ws_kernel's after its 5
+
+
 def _pair_grid(num_heads: int, slots: int, device: torch.device) -> int:
     """The persistent grid of dfs_fwd_ws_kernel and dfs_bwd_dq_ws_kernel: one CTA per SM (their
     shared memory allows one), at most one per (Q tile, pair of heads) item."""

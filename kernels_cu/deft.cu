@@ -642,7 +642,7 @@ deft_merge_kernel(const float* __restrict__ mid_o, const float* __restrict__ mid
   // reads one partial's slot and lse (independent loads), the group's maximum comes by shuffles,
   // then every lane walks the group's partials with the slot and lse broadcast, kUnroll o loads in
   // flight at a time. The arithmetic is the same fixed sequence on every run: bitwise deterministic.
-  constexpr int kUnroll = 16;  // 8: the short row's merge 0.1-0.3 us slower; 32: ~2x slower (NOTES, session 14)
+  constexpr int kUnroll = 16;  // 8: the short row's merge 0.1-0.3 us slower; 32: the long row's 10.8 us vs 6.5 (NOTES, session 14)
   float max2 = neg_inf(), sum = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
   const int begin = q_indptr[qi], end = q_indptr[qi + 1];
   for (int g0 = begin; g0 < end; g0 += Cfg::kLanes) {
