@@ -116,7 +116,11 @@ __device__ __forceinline__ float lane_row_max(const float (&s)[NB][4], int r) {
 // exceeds its reference by more than kRescaleSlack, which after the first few tiles is rare. Until
 // then the probabilities stay below 2^kRescaleSlack: harmless in the fp32 sums and in the 16-bit P
 // operand (same relative precision). The state's lse = reference + log2(l) is exact whichever
-// reference is used. The branch is warp-uniform (__any_sync), so whole warps skip it.
+// reference is used. The branch is warp-uniform (__any_sync), so whole warps skip it. The test is
+// made on each lane's own scores first (x -> x * scale_log2 is monotonic, so a row's maximum passes
+// it iff one of its lanes' maxima does): the row maxima (quad shuffles) and the rescale's exp2 are
+// computed only when some row grows. Before, every step computed them: the timeline of DeFT's
+// stage 1 gave that part ~300 of a warpgroup's ~2000 cycles per 64-key step (NOTES, session 15).
 // A row with nothing visible yet keeps reference -inf and exponentiates against 0 (exp2 stays finite).
 // LAZY = false rescales at every new maximum (slack 0, no vote): for kernels with no registers to spare.
 constexpr float kRescaleSlack = 8.f;
@@ -130,16 +134,21 @@ constexpr float kRescaleSlack = 8.f;
 template <bool LAZY = true, int NB>
 __device__ __forceinline__ bool softmax_new_max(const float (&s)[NB][4], float scale_log2, float (&row_max)[2],
                                                 float (&rescale)[2]) {
-  bool grow_any = false;
+  const float slack = LAZY ? kRescaleSlack : 0.f;
+  if (LAZY) {  // the cheap test first: no shuffles and no exp2 unless some row grows
+    bool grow_any = false;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) grow_any |= lane_row_max(s, r) * scale_log2 > row_max[r] + slack;
+    if (!__any_sync(0xffffffffu, grow_any)) return false;
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float mx = quad_max(lane_row_max(s, r)) * scale_log2;
-    const bool grow = mx > row_max[r] + (LAZY ? kRescaleSlack : 0.f);  // -inf + slack = -inf: the first visible key sets it
+    const bool grow = mx > row_max[r] + slack;  // -inf + slack = -inf: the first visible key sets it
     rescale[r] = grow ? fast_exp2(row_max[r] - mx) : 1.f;
     row_max[r] = grow ? mx : row_max[r];
-    grow_any |= grow;
   }
-  return !LAZY || __any_sync(0xffffffffu, grow_any);
+  return true;
 }
 
 template <int DB>
