@@ -391,8 +391,8 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 //   the idle ring) and the store.
 // Measured and dropped (benchmarks/NOTES.md, session 6): TMA boxes of one key or of 8 keys for every
 // tile, 128-key tiles, Q in shared memory, register reallocation between the warpgroups, ping-pong
-// ordering of the consumers, a persistent grid (its split-merge buffer cost a stage: slower). Session
-// 12 and 13: the pipelined consumer step (wg_attention_step_pipelined) measured slower here.
+// ordering of the consumers, a persistent grid (its split-merge buffer cost a stage: slower). Sessions
+// 12, 13 and 15: the pipelined consumer step (wg_attention_step_pipelined) measured slower here.
 template <int D>
 struct DeftWsConfig {
   static constexpr int kThreads = 384;
