@@ -6,6 +6,7 @@
   python benchmarks/diag.py mergevariants                   merge vs FlashInfer, eager and graph
   python benchmarks/diag.py overhead                        eager vs CUDA-graph time: the host's share
   python benchmarks/diag.py deft_host                       deft_attention eager vs graph, host profile
+  python benchmarks/diag.py deft_host_parts                 deft_attention eager: host time up to the first launch, parts
   python benchmarks/diag.py deft_kernels                    deft_attention GPU time per kernel (profiler)
   python benchmarks/diag.py deft_row I [L M]                deft_attention on shared-prefix row I (for ncu), chunk
                                                             length L and rows per item M (0: the plan's); with
@@ -174,6 +175,81 @@ def deft_host():
     print(f"eager {bench(fn, warmup=10, iters=100).median_us:.1f} us, "
           f"graph {bench(fn, warmup=10, iters=100, graph=True).median_us:.1f} us")
     _profile(fn, 300, 15)
+
+
+def deft_host_parts():
+    """Where an eager deft_attention call's host time goes (the small tree of deft_host, then the
+    shared-prefix suite's first row): medians of perf_counter over calls on an idle GPU (synchronised
+    before each), of the whole call, of its time up to the first kernel launch, and of the parts
+    that cost host time; then event-timed eager and graph medians as in the suite."""
+    import time
+    from flashtree import _jit, deft
+    from flashtree._jit import tma
+    from flashtree.bench.timing import bench
+    from flashtree.kvcache import TreeKVCache
+    c = TreeKVCache(1, 512, 8, 128, page_size=16, dtype=torch.bfloat16, device="cuda")
+    kv = lambda n: (torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16),) * 2  # noqa: E731
+    root = c.create_root(None, *kv(1024))
+    for leaf in c.fork(root, 32):
+        c.append(leaf, None, *kv(1))
+    plan = deft.deft_plan(c, 32)
+    q = torch.randn(plan.num_queries, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = c.k_pools[0], c.v_pools[0]
+    fn = lambda: deft.deft_attention(q, k, v, plan)  # noqa: E731
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+
+    def median_us(f, n=400):
+        ts = []
+        for _ in range(n):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter_ns()
+            f()
+            ts.append(time.perf_counter_ns() - t0)
+        torch.cuda.synchronize()
+        return sorted(ts)[n // 2] / 1e3
+
+    stamps = []
+    launch = _jit.runtime.LoadedKernel.launch
+
+    def stamped(self, *args, **kwargs):
+        stamps.append(time.perf_counter_ns())
+        return launch(self, *args, **kwargs)
+
+    _jit.runtime.LoadedKernel.launch = stamped
+    first, whole = [], []
+    try:
+        for _ in range(400):
+            torch.cuda.synchronize()
+            stamps.clear()
+            t0 = time.perf_counter_ns()
+            fn()
+            whole.append(time.perf_counter_ns() - t0)
+            first.append(stamps[0] - t0)
+    finally:
+        _jit.runtime.LoadedKernel.launch = launch
+    torch.cuda.synchronize()
+    print(f"whole call {sorted(whole)[200] / 1e3:.1f} us, up to the first launch {sorted(first)[200] / 1e3:.1f} us "
+          "(launches stamped)")
+    box = (64, 16, 1, 4)
+    ev = torch.cuda.Event(enable_timing=True)
+    parts = {
+        "whole call (unstamped)": fn,
+        "_signature": lambda: deft._signature(q, k, v, plan, None, None, None),
+        "plan.check_fresh": plan.check_fresh,
+        "torch.empty (out)": lambda: torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        "is_current_stream_capturing": torch.cuda.is_current_stream_capturing,
+        "tma.swizzled_map x2": lambda: (tma.swizzled_map(k, box), tma.swizzled_map(v, box)),
+        "event record": ev.record,
+    }
+    for name, f in parts.items():
+        print(f"  {name:32s} {median_us(f):6.1f} us")
+    print(f"eager {bench(fn, warmup=10, iters=200).median_us:.1f} us, "
+          f"graph {bench(fn, warmup=10, iters=200, graph=True).median_us:.1f} us (small tree)")
+    label, call = _deft_call(0)
+    print(f"eager {bench(call, warmup=10, iters=200).median_us:.1f} us, "
+          f"graph {bench(call, warmup=10, iters=200, graph=True).median_us:.1f} us ({label}, one input set)")
 
 
 def _deft_call(i):
@@ -412,7 +488,7 @@ def merge(n, s):
 
 if __name__ == "__main__":
     commands = {"decode": decode, "merge": merge, "variants": variants, "mergevariants": mergevariants,
-                "overhead": overhead, "hostprofile": hostprofile, "deft_host": deft_host,
+                "overhead": overhead, "hostprofile": hostprofile, "deft_host": deft_host, "deft_host_parts": deft_host_parts,
                 "deft_kernels": deft_kernels, "deft_row": deft_row, "deft_chunks": deft_chunks,
                 "deft_blockm": deft_blockm, "dfs_fwd": dfs_fwd, "dfs_bwd": dfs_bwd,
                 "dfs_bwd_timing": dfs_bwd_timing}
