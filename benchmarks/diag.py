@@ -159,10 +159,10 @@ def _profile(fn, calls, rows):
     pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
 
 
-def deft_host():
-    """deft_attention on a small shared-prefix tree: eager vs CUDA-graph time, and a host profile."""
+def _small_deft_tree():
+    """(q, k_pool, v_pool, plan) of a small shared-prefix tree: a 1024-token root and 32 one-token
+    leaves, bf16, H = 32, Hkv = 8, D = 128, 16-token pages."""
     from flashtree import deft
-    from flashtree.bench.timing import bench
     from flashtree.kvcache import TreeKVCache
     c = TreeKVCache(1, 512, 8, 128, page_size=16, dtype=torch.bfloat16, device="cuda")
     kv = lambda n: (torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16),) * 2  # noqa: E731
@@ -171,7 +171,15 @@ def deft_host():
         c.append(leaf, None, *kv(1))
     plan = deft.deft_plan(c, 32)
     q = torch.randn(plan.num_queries, 32, 128, device="cuda", dtype=torch.bfloat16)
-    fn = lambda: deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)  # noqa: E731
+    return q, c.k_pools[0], c.v_pools[0], plan
+
+
+def deft_host():
+    """deft_attention on a small shared-prefix tree: eager vs CUDA-graph time, and a host profile."""
+    from flashtree import deft
+    from flashtree.bench.timing import bench
+    q, k, v, plan = _small_deft_tree()
+    fn = lambda: deft.deft_attention(q, k, v, plan)  # noqa: E731
     print(f"eager {bench(fn, warmup=10, iters=100).median_us:.1f} us, "
           f"graph {bench(fn, warmup=10, iters=100, graph=True).median_us:.1f} us")
     _profile(fn, 300, 15)
@@ -186,15 +194,7 @@ def deft_host_parts():
     from flashtree import _jit, deft
     from flashtree._jit import tma
     from flashtree.bench.timing import bench
-    from flashtree.kvcache import TreeKVCache
-    c = TreeKVCache(1, 512, 8, 128, page_size=16, dtype=torch.bfloat16, device="cuda")
-    kv = lambda n: (torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16),) * 2  # noqa: E731
-    root = c.create_root(None, *kv(1024))
-    for leaf in c.fork(root, 32):
-        c.append(leaf, None, *kv(1))
-    plan = deft.deft_plan(c, 32)
-    q = torch.randn(plan.num_queries, 32, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = c.k_pools[0], c.v_pools[0]
+    q, k, v, plan = _small_deft_tree()
     fn = lambda: deft.deft_attention(q, k, v, plan)  # noqa: E731
     for _ in range(20):
         fn()
