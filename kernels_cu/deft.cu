@@ -374,13 +374,13 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 // rows each consumer owns 64 of them and both read every K/V tile (half the tile traffic per row
 // of the 64-row kernels); with 64 rows or fewer both own the same rows and take alternate tiles,
 // then merge (split keys).
-//   Producer, per tile: wait until its stage is empty; take the tile's 64 records (loaded a tile
-//   ahead into registers); vote whether every query of the item sees every key (then the tile is
-//   "full"); otherwise write the 64 visibility bits of each query of the item; issue the K/V
-//   copies. A tile whose keys sit at consecutive slots from a box boundary (tma_rows: whole pages
-//   of P < 64 rows, or 64 rows of one page) is copied by TMA, one box per 64 columns of K and of V
-//   (tensor maps of the pools [pages, Hkv, P, D]); the stage completes on the boxes' bytes, so the
-//   producer arrives at once. Any other tile is gathered by cp.async (the page lookups from the
+//   Producer, per tile: wait until its stage is empty; take the tile's 64 records (loaded two
+//   tiles ahead into registers); vote whether every query of the item sees every key (then the
+//   tile is "full"); issue a dense tile's copy (below); unless full, write the 64 visibility bits
+//   of each query of the item; gather any other tile. A tile whose keys sit at consecutive slots from a box boundary (tma_rows: whole
+//   pages of P < 64 rows, or 64 rows of one page) is copied by TMA, one box per 64 columns of K and
+//   of V (tensor maps of the pools [pages, Hkv, P, D]); the stage completes on the boxes' bytes, so
+//   the producer arrives once its bits are written. Any other tile is gathered by cp.async (the page lookups from the
 //   records by shuffles) and published after tile it + kLag is issued (so kLag + 1 tiles' copies
 //   are in flight): wait for its copies, fence them for the async proxy (wgmma reads), arrive on
 //   its `full` mbarrier (which also publishes the bits and the flag).
@@ -478,18 +478,20 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
         rec[h] = key < w.ch.tok_end ? tokens[key] : DeftToken{0, 0, 0, 0};
       }
     };
-    DeftToken rec_next[2];
-    load_records(0, rec_next);
+    // Records two tiles ahead, in two register sets that even and odd tiles use in turn (the loop
+    // is unrolled by 2, so no copy waits on a load in flight): one tile ahead, the record loads'
+    // round trip paced the producer at ~1900 cycles per tile (NOTES, session 17).
+    DeftToken rec_even[2], rec_odd[2];
+    load_records(0, rec_even);
+    if (w.num_tiles > 1) load_records(1, rec_odd);
     u32 by_tma = 0;  // bit it % 32: tile it was copied by TMA (its stage completes on the copy's bytes)
     if (tid == 0) {
       tma_prefetch_desc(&tma_k);
       tma_prefetch_desc(&tma_v);
     }
-    for (int it = 0; it < w.num_tiles; ++it) {
+    auto produce_tile = [&](int it, DeftToken (&rec)[2]) {
       const int stage = it % S;
       const int tile_start = w.ch.tok_begin + it * 64;
-      const DeftToken rec[2] = {rec_next[0], rec_next[1]};
-      if (it + 1 < w.num_tiles) load_records(it + 1, rec_next);  // a tile ahead: off the issue path
       // Stage S - 1 first holds the consumers' Q rows: its empty barrier has one phase more.
       if (stage == S - 1) mbar_wait(bar_empty + stage, (it / S) & 1);
       else if (it >= S) mbar_wait(bar_empty + stage, (it / S - 1) & 1);
@@ -498,10 +500,33 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
       for (int h = 0; h < 2; ++h)
         sees_all = sees_all && rec[h].q_lo <= w.q_first && w.q_first + w.nq_here <= rec[h].q_hi && rec[h].mask_col < 0;
       const bool full = __all_sync(0xffffffffu, sees_all);
+      T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
+      T* sv = sk + Cfg::kTileElems;
+      // A tile whose 64 keys sit at consecutive slots from a multiple of tma_rows (whole pages, or
+      // 64 rows of one page) is one box per 64 columns of K and V: the TMA copies it, and the stage
+      // completes on its bytes, so it is published at once instead of kLag tiles later. The copy is
+      // issued before the visibility bits are written, so the two overlap.
+      const int s0 = __shfl_sync(0xffffffffu, rec[0].slot, 0);
+      const bool dense = __all_sync(0xffffffffu, tile_start + 64 <= w.ch.tok_end && rec[0].slot == s0 + lane &&
+                                                     rec[1].slot == s0 + 32 + lane) &&
+                         (s0 & (tma_rows - 1)) == 0;
+      by_tma = (by_tma & ~(1u << (it % 32))) | (static_cast<u32>(dense) << (it % 32));
+      if (dense && tid == 0) {
+        mbar_expect_tx(bar_full + stage, 2 * Cfg::kTileElems * sizeof(T));
+        const int prow = s0 & ((1 << log2_page) - 1), page = s0 >> log2_page;
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c) {
+          tma_load_4d(smem_addr(sk + c * 64 * 64), &tma_k, 64 * c, prow, w.hk, page, bar_full + stage);
+          tma_load_4d(smem_addr(sv + c * 64 * 64), &tma_v, 64 * c, prow, w.hk, page, bar_full + stage);
+        }
+      }
       if (pw == 0 && lane == 0) smem_full[stage] = full;
       if (!full) {
+        // Tail-mask lookups only where a key has a mask column: otherwise no load per query (one
+        // per query and tile paced the producer of narrow chunks; NOTES, session 17).
+        const bool masked = __any_sync(0xffffffffu, rec[0].mask_col >= 0 || rec[1].mask_col >= 0);
         for (int ql = pw; ql < w.nq_here; ql += 4) {
-          const int qq = w.q_first + ql, qm = qmask_off[qq];
+          const int qq = w.q_first + ql, qm = masked ? qmask_off[qq] : 0;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             bool ok = rec[h].q_lo <= qq && qq < rec[h].q_hi;
@@ -511,29 +536,9 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
           }
         }
       }
-      T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
-      T* sv = sk + Cfg::kTileElems;
-      // A tile whose 64 keys sit at consecutive slots from a multiple of tma_rows (whole pages, or
-      // 64 rows of one page) is one box per 64 columns of K and V: the TMA copies it, and the stage
-      // completes on its bytes, so it is published at once instead of kLag tiles later.
-      const int s0 = __shfl_sync(0xffffffffu, rec[0].slot, 0);
-      const bool dense = __all_sync(0xffffffffu, tile_start + 64 <= w.ch.tok_end && rec[0].slot == s0 + lane &&
-                                                     rec[1].slot == s0 + 32 + lane) &&
-                         (s0 & (tma_rows - 1)) == 0;
-      by_tma = (by_tma & ~(1u << (it % 32))) | (static_cast<u32>(dense) << (it % 32));
-      if (dense) {
-        if (tid == 0) {
-          mbar_expect_tx(bar_full + stage, 2 * Cfg::kTileElems * sizeof(T));
-          const int prow = s0 & ((1 << log2_page) - 1), page = s0 >> log2_page;
-#pragma unroll
-          for (int c = 0; c < D / 64; ++c) {
-            tma_load_4d(smem_addr(sk + c * 64 * 64), &tma_k, 64 * c, prow, w.hk, page, bar_full + stage);
-            tma_load_4d(smem_addr(sv + c * 64 * 64), &tma_v, 64 * c, prow, w.hk, page, bar_full + stage);
-          }
-        }
-        mbar_arrive(bar_full + stage);  // after this thread's bits and flag
-      }
+      if (dense) mbar_arrive(bar_full + stage);  // after this thread's bits and flag
       const int my_slot = pw < 2 ? rec[0].slot : rec[1].slot;
+      if (it + 2 < w.num_tiles) load_records(it + 2, rec);  // rec is dead from here: two tiles ahead
 #pragma unroll
       for (int j = 0; !dense && j < 16 / Cfg::kRowsPerPass; ++j) {
         const int r = 16 * pw + lane / Cfg::kChunks + Cfg::kRowsPerPass * j;
@@ -551,6 +556,10 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
         fence_proxy_async();
         mbar_arrive(bar_full + (it - Cfg::kLag) % S);
       }
+    };
+    for (int it = 0; it < w.num_tiles; it += 2) {
+      produce_tile(it, rec_even);
+      if (it + 1 < w.num_tiles) produce_tile(it + 1, rec_odd);
     }
     cp_async_wait<0>();
     fence_proxy_async();
