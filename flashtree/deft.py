@@ -68,6 +68,7 @@ WS_BLOCK_M = 128  # the Hopper warp-specialised kernel's (DeftWsConfig::kBlockM)
 WS_STAGES = 6     # its ring of 64-key K/V tiles (DeftWsConfig::kStages)
 WS_THREADS = 384  # a producer and two consumer warpgroups
 BLOCK_N = 64   # keys per KV tile
+WORK_INTS = 8  # a work item's record: (chunk, row tile, the chunk's 4 fields, slot_base, dense slot); deft.cu kWorkInts
 CTA_OVERHEAD_KEYS = 128  # L0 of the chunk-length model (module docstring)
 PARTIAL_ROW_KEYS = 2     # one fp32 partial row written and read back ~ 2 keys' K + V (bf16)
 CHUNK_MULTIPLES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # L / BLOCK_N candidates
@@ -140,7 +141,9 @@ class DeftPlan:
     inspection; ``meta`` is the same data in one int32 tensor on the plan's device.
 
     tokens [N, 4] (slot, q_lo, q_hi, mask_col); chunks [C, 4] (tok_begin, tok_end, q0, q1);
-    work [W, 2] (chunk, row tile); slot_base [C]; qmask_off [Q]; mask (flat 0/1);
+    work [W, 8] (chunk, row tile, the chunk's four fields, slot_base, dense slot: the slot of its first
+    key when the Hopper kernel copies every tile by TMA without records, else -1); slot_base [C];
+    qmask_off [Q]; mask (flat 0/1);
     q_indptr [Q + 1] and slot_idx [num_slots]: query q's partials, in chunk order.
     """
 
@@ -334,6 +337,21 @@ def _work_cost(chunks: np.ndarray, work: np.ndarray, group: int, block_m: int = 
     return -(-keys // BLOCK_N) * (32 + 16 * warps_m)
 
 
+def _dense_slots(tokens: np.ndarray, chunks: np.ndarray, box_rows: int) -> np.ndarray:
+    """Per chunk, the slot of its first key when the Hopper kernel may copy every tile by TMA with
+    no records: whole 64-key tiles at consecutive slots from a multiple of ``box_rows``, every key
+    seen by every query of the chunk and none masked; else -1."""
+    out = np.full(len(chunks), -1, dtype=np.int64)
+    for i, (b, e, q0, q1) in enumerate(chunks):
+        t = tokens[b:e]
+        if (e - b) % BLOCK_N or t[0, 0] % box_rows:
+            continue
+        if (np.all(t[:, 0] == t[0, 0] + np.arange(e - b)) and np.all(t[:, 1] == q0) and np.all(t[:, 2] == q1)
+                and np.all(t[:, 3] < 0)):
+            out[i] = t[0, 0]
+    return out
+
+
 def _leaf_counts(leaves, queries_per_leaf) -> list[int]:
     if isinstance(queries_per_leaf, int):
         counts = [queries_per_leaf] * len(leaves)
@@ -474,6 +492,8 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
     by_q = np.argsort(pair_q, kind="stable")
     num_q = int(leaf_off[-1])
     q_indptr = np.concatenate([[0], np.cumsum(np.bincount(pair_q, minlength=num_q))])
+    dense = _dense_slots(tokens, chunks, min(cache.page_size, BLOCK_N))
+    work = np.concatenate([work, chunks[work[:, 0]], slot_base[work[:, 0], None], dense[work[:, 0], None]], 1)
     host = {
         "tokens": tokens, "chunks": chunks, "work": work, "slot_base": slot_base,
         "qmask_off": qmask_off, "mask": np.concatenate(masks).astype(np.int64) if masks else np.zeros(1, np.int64),

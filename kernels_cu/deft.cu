@@ -47,7 +47,10 @@
 //   q         T      [Q, H, D]               strides (q_sq, q_sh)
 //   k/v pool  T      [pages, Hkv, P, D]      strides (sp, sh, sr); sh and sr below 2^31
 //   tokens    int4   [N]          chunks int4 [C] (tok_begin, tok_end, q0, q1)
-//   work      int2   [W] (chunk, row tile)    slot_base int [C]     qmask_off int [Q]   mask int [*]
+//   work      int8   [W] (chunk, row tile, the chunk's tok_begin, tok_end, q0, q1, slot_base, dense
+//                     slot: its first key's slot when every key is at consecutive box-aligned slots and
+//                     seen by every query of the chunk, else -1)
+//   slot_base int [C]     qmask_off int [Q]   mask int [*]
 //   q_indptr  int    [Q + 1]      slot_idx int [num_slots]
 // Outputs: mid_o fp32 [num_slots, H, D], mid_lse fp32 [num_slots, H] (contiguous);
 //   out T [Q, H, D] strides (o_sq, o_sh); lse_out fp32 [Q, H] contiguous, or null (not stored).
@@ -65,6 +68,7 @@ namespace ft {
 
 struct __align__(16) DeftToken { int slot, q_lo, q_hi, mask_col; };
 struct __align__(16) DeftChunk { int tok_begin, tok_end, q0, q1; };
+constexpr int kWorkInts = 8;  // a work item's record (the host: WORK_INTS)
 struct __align__(8) U32x2 { u32 a, b; };
 
 template <int D>
@@ -205,7 +209,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   const int hk = blockIdx.x % num_kv_heads, item = blockIdx.x / num_kv_heads;
 
   // Step 1: this CTA's chunk, rows and warp layout.
-  const int c = work[2 * item], row_tile = work[2 * item + 1];
+  const int c = work[kWorkInts * item], row_tile = work[kWorkInts * item + 1];
   const DeftChunk ch = chunks[c];
   const int rows = (ch.q1 - ch.q0) * group;
   const int m0 = row_tile * Cfg::kBlockM;
@@ -414,17 +418,21 @@ struct DeftWsConfig {
 };
 
 // What one work item covers.
+// Its record carries its chunk (one dependent load less at the item's start).
 struct DeftWsItem {
-  int c, hk, m0, rows, rows_here, q_first, nq_here, num_tiles;
+  int c, hk, m0, rows, rows_here, q_first, nq_here, num_tiles, slot_base, dense_slot;
   DeftChunk ch;
-  __device__ __forceinline__ DeftWsItem(int index, const int* __restrict__ work,
-                                        const DeftChunk* __restrict__ chunks, int num_kv_heads, int group) {
+  __device__ __forceinline__ DeftWsItem(int index, const int* __restrict__ work, int num_kv_heads, int group) {
     const int item = index / num_kv_heads;
     hk = index % num_kv_heads;
-    c = work[2 * item];
-    ch = chunks[c];
+    const int4 a = reinterpret_cast<const int4*>(work)[2 * item];
+    const int4 b = reinterpret_cast<const int4*>(work)[2 * item + 1];
+    c = a.x;
+    ch = DeftChunk{a.z, a.w, b.x, b.y};
+    slot_base = b.z;
+    dense_slot = b.w;
     rows = (ch.q1 - ch.q0) * group;
-    m0 = work[2 * item + 1] * 128;
+    m0 = a.y * 128;
     rows_here = min(128, rows - m0);
     q_first = ch.q0 + m0 / group;                            // the item's queries: q_first + ql
     nq_here = (m0 + rows_here - 1) / group - m0 / group + 1;  // <= 128
@@ -465,12 +473,41 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
   }
   __syncthreads();
 
-  const DeftWsItem w(blockIdx.x, work, chunks, num_kv_heads, group);
+  const DeftWsItem w(blockIdx.x, work, num_kv_heads, group);
   if (wg == 0) {
     // Producer. Warp pw copies rows 16 pw .. 16 pw + 15 of each tile: lane l the 16-byte column
     // l % kChunks of rows 16 pw + l / kChunks + kRowsPerPass j. Their slots come by shuffle from
     // the records: key r's record is held by lane r % 32 of rec[r / 32] = rec[pw / 2].
     const int pw = warp, col = (lane % Cfg::kChunks) * 8;
+    if (w.dense_slot >= 0) {  // every tile full and dense (the plan checked): no records, TMA only
+      if (tid == 0) {
+        tma_prefetch_desc(&tma_k);
+        tma_prefetch_desc(&tma_v);
+      }
+      for (int it = 0; it < w.num_tiles; ++it) {
+        const int stage = it % S;
+        if (stage == S - 1) mbar_wait(bar_empty + stage, (it / S) & 1);
+        else if (it >= S) mbar_wait(bar_empty + stage, (it / S - 1) & 1);
+        // After tile 0, the consumers' Q loads go first: the copies, no longer paced by record
+        // loads, otherwise delay them (long row 51.1-51.5 us against 52.1; NOTES, session 17).
+        if (it == 1) mbar_wait(bar_empty + S - 1, 0);
+        if (tid == 0) {
+          smem_full[stage] = 1;
+          mbar_expect_tx(bar_full + stage, 2 * Cfg::kTileElems * sizeof(T));
+          T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
+          const int s0 = w.dense_slot + 64 * it;
+          const int prow = s0 & ((1 << log2_page) - 1), page = s0 >> log2_page;
+#pragma unroll
+          for (int c = 0; c < D / 64; ++c) {
+            tma_load_4d(smem_addr(sk + c * 64 * 64), &tma_k, 64 * c, prow, w.hk, page, bar_full + stage);
+            tma_load_4d(smem_addr(sk + Cfg::kTileElems + c * 64 * 64), &tma_v, 64 * c, prow, w.hk, page,
+                        bar_full + stage);
+          }
+        }
+        mbar_arrive(bar_full + stage);
+      }
+      return;
+    }
     auto load_records = [&](int tile, DeftToken (&rec)[2]) {  // nobody sees a padding key
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -573,7 +610,6 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
   const bool split = w.rows_here <= 64;
   const int mw = split ? 0 : 64 * cw;
   const int m_lane = w.m0 + mw + 16 * w4 + lane / 4;  // the lane's first row
-  const int my_slot_base = slot_base[w.c];  // read now, not behind the last tile's products
   T* my_q = smem_kv + (2 * (S - 1) + cw) * Cfg::kTileElems;  // the last stage's K (consumer 0) or V (1)
   for (int i = tid % 128; i < 64 * Cfg::kChunks; i += 128) {
     const int r = i / Cfg::kChunks, cc = i % Cfg::kChunks;
@@ -621,7 +657,7 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
     if (cw == 1) return;
     deft_merge_rows(st, red + w4 * Cfg::kRedFloats, lane);
   }
-  deft_store_rows(st, m_lane, w.rows, group, w.hk, my_slot_base, num_heads, mid_o, mid_lse, lane);
+  deft_store_rows(st, m_lane, w.rows, group, w.hk, w.slot_base, num_heads, mid_o, mid_lse, lane);
 }
 
 template <typename T, int D>
