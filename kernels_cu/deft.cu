@@ -388,6 +388,9 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 //   records by shuffles) and published after tile it + kLag is issued (so kLag + 1 tiles' copies
 //   are in flight): wait for its copies, fence them for the async proxy (wgmma reads), arrive on
 //   its `full` mbarrier (which also publishes the bits and the flag).
+//   A work item whose chunk the plan marks dense (its record's dense slot: every key at
+//   consecutive box-aligned slots and seen by every query of the chunk) loads no records: each
+//   tile is one TMA copy from that slot, and after tile 0 the producer waits for the consumers' Q.
 //   Consumer: Q rows through the ring's last stage into registers (A fragments), then an arrival on
 //   that stage's `empty` barrier (its first phase); per tile wait for `full`,
 //   one wg_attention_step unless the tile belongs to the other consumer, then each warp arrives on
