@@ -340,16 +340,17 @@ def _work_cost(chunks: np.ndarray, work: np.ndarray, group: int, block_m: int = 
 def _dense_slots(tokens: np.ndarray, chunks: np.ndarray, box_rows: int) -> np.ndarray:
     """Per chunk, the slot of its first key when the Hopper kernel may copy every tile by TMA with
     no records: whole 64-key tiles at consecutive slots from a multiple of ``box_rows``, every key
-    seen by every query of the chunk and none masked; else -1."""
-    out = np.full(len(chunks), -1, dtype=np.int64)
-    for i, (b, e, q0, q1) in enumerate(chunks):
-        t = tokens[b:e]
-        if (e - b) % BLOCK_N or t[0, 0] % box_rows:
-            continue
-        if (np.all(t[:, 0] == t[0, 0] + np.arange(e - b)) and np.all(t[:, 1] == q0) and np.all(t[:, 2] == q1)
-                and np.all(t[:, 3] < 0)):
-            out[i] = t[0, 0]
-    return out
+    seen by every query of the chunk and none masked; else -1. (The chunks tile the token list.)"""
+    if len(chunks) == 0:
+        return np.zeros(0, dtype=np.int64)
+    b, e = chunks[:, 0], chunks[:, 1]
+    chunk_of = np.repeat(np.arange(len(chunks)), e - b)
+    odd = ((tokens[:, 1] != chunks[chunk_of, 2]) | (tokens[:, 2] != chunks[chunk_of, 3]) | (tokens[:, 3] >= 0)
+           | np.concatenate([[False], np.diff(tokens[:, 0]) != 1]) & (np.arange(len(tokens)) != b[chunk_of]))
+    counts = np.concatenate([[0], np.cumsum(odd)])
+    first = tokens[b, 0]
+    ok = (counts[e] == counts[b]) & ((e - b) % BLOCK_N == 0) & (first % box_rows == 0)
+    return np.where(ok, first, -1)
 
 
 def _leaf_counts(leaves, queries_per_leaf) -> list[int]:

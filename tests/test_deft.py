@@ -118,6 +118,27 @@ def test_plan_structure(gen):
     assert plan.meta.dtype == torch.int32 and all(v % 4 == 0 for v in plan.offsets.values())
 
 
+def test_dense_slots_mark_whole_shared_chunks():
+    """Work records carry a chunk's first slot only when every key sits at consecutive,
+    box-aligned slots and every query of the chunk sees it (the Hopper kernel then copies its tiles
+    by TMA with no records); -1 elsewhere."""
+    s, b, u = 1024, 3, 100
+    c = TreeKVCache(1, s // 16 + b * 7 + 1, 2, 16, page_size=16, dtype=torch.float64)
+    root = c.create_root(s)
+    for leaf in c.fork(root, b):
+        c.append(leaf, u)
+    plan = deft.deft_plan(c, 8, chunk_len=256, block_m=128)
+    work = plan.host["work"]
+    assert work.shape[1] == deft.WORK_INTS
+    np.testing.assert_array_equal(work[:, 2:6], plan.host["chunks"][work[:, 0]])
+    np.testing.assert_array_equal(work[:, 6], plan.host["slot_base"][work[:, 0]])
+    dense = {int(ci): int(slot) for ci, slot in zip(work[:, 0], work[:, 7])}
+    slots = plan.host["tokens"][:, 0]
+    for ci, (t0, t1, _, _) in enumerate(plan.host["chunks"]):
+        assert dense[ci] == (slots[t0] if t1 <= s else -1)  # the prompt's chunks, not the branches'
+    # a chunk that starts mid-page is not box-aligned: no dense slot
+    assert (deft._dense_slots(plan.host["tokens"][1:257], np.array([[0, 256, 0, b]]), 16) == -1).all()
+
 def test_chunk_length_worked_example():
     s, b, u, g, hkv = 16384, 64, 128, 4, 8  # the module docstring's example
     q_lo = np.concatenate([np.zeros(s, int)] + [np.full(u, i) for i in range(b)])
