@@ -381,13 +381,14 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 //   Producer, per tile: wait until its stage is empty; take the tile's 64 records (loaded two
 //   tiles ahead into registers); vote whether every query of the item sees every key (then the
 //   tile is "full"); issue a dense tile's copy (below); unless full, write the 64 visibility bits
-//   of each query of the item; gather any other tile. A tile whose keys sit at consecutive slots from a box boundary (tma_rows: whole
-//   pages of P < 64 rows, or 64 rows of one page) is copied by TMA, one box per 64 columns of K and
-//   of V (tensor maps of the pools [pages, Hkv, P, D]); the stage completes on the boxes' bytes, so
-//   the producer arrives once its bits are written. Any other tile is gathered by cp.async (the page lookups from the
-//   records by shuffles) and published after tile it + kLag is issued (so kLag + 1 tiles' copies
-//   are in flight): wait for its copies, fence them for the async proxy (wgmma reads), arrive on
-//   its `full` mbarrier (which also publishes the bits and the flag).
+//   of each query of the item; gather any other tile. A tile whose keys sit at consecutive slots
+//   from a box boundary (tma_rows: whole pages of P < 64 rows, or 64 rows of one page) is copied by
+//   TMA, one box per 64 columns of K and of V (tensor maps of the pools [pages, Hkv, P, D]); the
+//   stage completes on the boxes' bytes, so the producer arrives once its bits are written. Any
+//   other tile is gathered by cp.async (the page lookups from the records by shuffles) and
+//   published after tile it + kLag is issued (so kLag + 1 tiles' copies are in flight): wait for
+//   its copies, fence them for the async proxy (wgmma reads), arrive on its `full` mbarrier (which
+//   also publishes the bits and the flag).
 //   A work item whose chunk the plan marks dense (its record's dense slot: every key at
 //   consecutive box-aligned slots and seen by every query of the chunk) loads no records: each
 //   tile is one TMA copy from that slot, and after tile 0 the producer waits for the consumers' Q.
@@ -482,6 +483,19 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
     // l % kChunks of rows 16 pw + l / kChunks + kRowsPerPass j. Their slots come by shuffle from
     // the records: key r's record is held by lane r % 32 of rec[r / 32] = rec[pw / 2].
     const int pw = warp, col = (lane % Cfg::kChunks) * 8;
+    // By thread 0: the K and V of the 64 keys at slots s0 .. s0 + 63 into `stage` by TMA (the stage
+    // completes on their bytes).
+    auto tma_tile = [&](int stage, int s0) {
+      mbar_expect_tx(bar_full + stage, 2 * Cfg::kTileElems * sizeof(T));
+      T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
+      const int prow = s0 & ((1 << log2_page) - 1), page = s0 >> log2_page;
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) {
+        tma_load_4d(smem_addr(sk + c * 64 * 64), &tma_k, 64 * c, prow, w.hk, page, bar_full + stage);
+        tma_load_4d(smem_addr(sk + Cfg::kTileElems + c * 64 * 64), &tma_v, 64 * c, prow, w.hk, page,
+                    bar_full + stage);
+      }
+    };
     if (w.dense_slot >= 0) {  // every tile full and dense (the plan checked): no records, TMA only
       if (tid == 0) {
         tma_prefetch_desc(&tma_k);
@@ -496,16 +510,7 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
         if (it == 1) mbar_wait(bar_empty + S - 1, 0);
         if (tid == 0) {
           smem_full[stage] = 1;
-          mbar_expect_tx(bar_full + stage, 2 * Cfg::kTileElems * sizeof(T));
-          T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
-          const int s0 = w.dense_slot + 64 * it;
-          const int prow = s0 & ((1 << log2_page) - 1), page = s0 >> log2_page;
-#pragma unroll
-          for (int c = 0; c < D / 64; ++c) {
-            tma_load_4d(smem_addr(sk + c * 64 * 64), &tma_k, 64 * c, prow, w.hk, page, bar_full + stage);
-            tma_load_4d(smem_addr(sk + Cfg::kTileElems + c * 64 * 64), &tma_v, 64 * c, prow, w.hk, page,
-                        bar_full + stage);
-          }
+          tma_tile(stage, w.dense_slot + 64 * it);
         }
         mbar_arrive(bar_full + stage);
       }
@@ -551,15 +556,7 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
                                                      rec[1].slot == s0 + 32 + lane) &&
                          (s0 & (tma_rows - 1)) == 0;
       by_tma = (by_tma & ~(1u << (it % 32))) | (static_cast<u32>(dense) << (it % 32));
-      if (dense && tid == 0) {
-        mbar_expect_tx(bar_full + stage, 2 * Cfg::kTileElems * sizeof(T));
-        const int prow = s0 & ((1 << log2_page) - 1), page = s0 >> log2_page;
-#pragma unroll
-        for (int c = 0; c < D / 64; ++c) {
-          tma_load_4d(smem_addr(sk + c * 64 * 64), &tma_k, 64 * c, prow, w.hk, page, bar_full + stage);
-          tma_load_4d(smem_addr(sv + c * 64 * 64), &tma_v, 64 * c, prow, w.hk, page, bar_full + stage);
-        }
-      }
+      if (dense && tid == 0) tma_tile(stage, s0);
       if (pw == 0 && lane == 0) smem_full[stage] = full;
       if (!full) {
         // Tail-mask lookups only where a key has a mask column: otherwise no load per query (one

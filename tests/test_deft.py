@@ -139,6 +139,7 @@ def test_dense_slots_mark_whole_shared_chunks():
     # a chunk that starts mid-page is not box-aligned: no dense slot
     assert (deft._dense_slots(plan.host["tokens"][1:257], np.array([[0, 256, 0, b]]), 16) == -1).all()
 
+
 def test_chunk_length_worked_example():
     s, b, u, g, hkv = 16384, 64, 128, 4, 8  # the module docstring's example
     q_lo = np.concatenate([np.zeros(s, int)] + [np.full(u, i) for i in range(b)])
