@@ -265,9 +265,13 @@ def _deft_call(i):
     return suite.label(params), lambda: fn(*args)
 
 
-def deft_kernels():
-    """GPU time per kernel of deft_attention on the shared-prefix suite's first two rows (torch.profiler)."""
+def deft_kernels(block_m=0):
+    """GPU time per kernel of deft_attention on the shared-prefix suite's first two rows (torch.profiler);
+    block_m: force the rows per work item (0: the plan's)."""
     from torch.profiler import ProfilerActivity, profile
+    from flashtree import deft
+    if block_m:
+        deft._choose_block_m = lambda *args: block_m
     for i in (0, 1):
         label, call = _deft_call(i)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -302,8 +306,9 @@ def deft_row(i, chunk_len=0, block_m=0):
               f"{bench(fn, warmup=5, iters=100, graph=True).median_us:.1f} us", flush=True)
 
 
-def deft_chunks(i):
-    """deft_attention on shared-prefix row I with each chunk length: the plan's choice against the rest."""
+def deft_chunks(i, block_m=0):
+    """deft_attention on shared-prefix row I with each chunk length: the plan's choice against the
+    rest, for the 64-row kernels and the plan's (or the given) rows per work item."""
     from flashtree import deft
     from flashtree.bench.suites import shared_prefix as sp
     from flashtree.bench.timing import bench
@@ -312,8 +317,8 @@ def deft_chunks(i):
     auto_plan = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks)
     auto = auto_plan.chunk_len
     q = torch.randn(auto_plan.num_queries, sp.H, sp.D, device="cuda", dtype=torch.bfloat16)
-    for block_m in sorted({deft.BLOCK_M, auto_plan.block_m}):  # the 64-row kernels and the plan's
-        for length in sorted({256, 384, 512, 640, 768, 1024, 1280, 1536, auto}):
+    for block_m in sorted({deft.BLOCK_M, block_m or auto_plan.block_m}):  # the 64-row kernels and the plan's
+        for length in sorted({256, 384, 512, 640, 768, 1024, 1280, 1536, 1920, 2560, auto}):
             plan = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks, chunk_len=length,
                                   block_m=block_m)
             fn = lambda: deft.deft_attention(q, cache.k_pools[0], cache.v_pools[0], plan)  # noqa: E731
@@ -324,14 +329,17 @@ def deft_chunks(i):
 
 
 def deft_blockm():
-    """Each shared-prefix suite row with the plan's chunk length, 64-row and (on Hopper) 128-row work items."""
+    """Each shared-prefix suite row with the plan's chunk length, 64-row and (on Hopper) 128- and
+    192-row work items."""
     from flashtree import deft
     from flashtree.bench.suites import shared_prefix as sp
     from flashtree.bench.timing import bench
     for params in sp.WORKLOADS:
         cache, n, masks = sp.build_cache(params, torch.device("cuda"))
         line = f"{sp._label(params):32s}"
-        for block_m in (deft.BLOCK_M, deft.WS_BLOCK_M):
+        for block_m in (deft.BLOCK_M, deft.WS_BLOCK_M, getattr(deft, "WS3_BLOCK_M", None)):
+            if block_m is None:  # a copy from before the three-consumer kernel
+                continue
             plan = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks, block_m=block_m)
             q = torch.randn(plan.num_queries, sp.H, sp.D, device="cuda", dtype=torch.bfloat16)
             fn = lambda: deft.deft_attention(q, cache.k_pools[0], cache.v_pools[0], plan)  # noqa: E731

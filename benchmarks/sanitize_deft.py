@@ -9,7 +9,8 @@ from flashtree.kvcache import TreeKVCache
 torch.manual_seed(0)
 dev = "cuda"
 # 3 leaves: chunks of up to 28 rows (16- and 32-key steps); 13 leaves: 64-row tiles (64-key steps);
-# 41 leaves: 172 rows (on Hopper a 128-row work item, each consumer warpgroup 64 rows, and a split one).
+# 41 leaves: 172 rows (on Hopper a 128-row work item, each consumer warpgroup 64 rows, and a split
+# one; with three consumers one 192-row item whose third consumer is partly past the rows).
 for dtype, d, hkv, h, page, lens in [(torch.bfloat16, 128, 2, 8, 16, (1, 40, 9)), (torch.float16, 64, 1, 4, 8, (1, 40, 9)),
                                      (torch.bfloat16, 128, 2, 8, 16, (1, 40, 9) + tuple(range(2, 12))),
                                      (torch.bfloat16, 128, 2, 8, 16, (1, 40, 9) + tuple(range(2, 40)))]:
@@ -21,9 +22,9 @@ for dtype, d, hkv, h, page, lens in [(torch.bfloat16, 128, 2, 8, 16, (1, 40, 9))
         c.append(kid, None, torch.randn(1, n, hkv, d, device=dev, dtype=dtype), torch.randn(1, n, hkv, d, device=dev, dtype=dtype))
     mask = tree.ancestor_mask([-1, 0, 0, 1, 1])
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    for chunk_len, block_m in ((64, None), (None, None)) + (((64, 128), (None, 128)) if hopper else ()):
+    for chunk_len, block_m in ((64, None), (None, None)) + (((64, 128), (None, 128), (64, 192), (None, 192)) if hopper else ()):
         # many small chunks spanning nodes, then the automatic length; on Hopper also the
-        # warp-specialised kernel (128-row work items), which the plan picks for wide trees only
+        # warp-specialised kernels (128- and 192-row work items), which the plan picks for wide trees only
         plan = flashtree.deft_plan(c, h, queries_per_leaf={kids[2]: 5}, tail_masks={kids[2]: mask}, chunk_len=chunk_len,
                                    block_m=block_m)
         q = torch.randn(plan.num_queries, h, d, device=dev, dtype=dtype)

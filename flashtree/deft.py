@@ -36,7 +36,8 @@ FLASHTREE_WGMMA=0) stage 1 runs sm_90a kernels on the warpgroup tensor cores:
   - block_m = 128, chosen by ``_choose_block_m`` when wide, fully shared chunks (>= 256 rows: a long
     prefix under many branches) carry most of the work and fill every SM twice: a warp-specialised
     kernel, one CTA per SM, whose two consumer warpgroups share each K/V tile that a producer
-    warpgroup streams in; its chunk length comes from ``ws_chunk_len`` (a makespan model).
+    warpgroup streams in; its chunk length comes from ``ws_chunk_len`` (a makespan model);
+  - block_m = 192 (only when asked for): the same kernel with three consumer warpgroups.
 Elsewhere the portable mma.sync kernel (block_m = 64, 2 CTAs per SM).
 
 Stale plans: a plan records the cache's ``version``; ``deft_attention`` raises if the cache has
@@ -64,9 +65,10 @@ from .kvcache.tree_cache import TreeKVCache
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 BLOCK_M = 64   # query rows per work item (kernels_cu/deft.cu: DeftConfig::kBlockM)
-WS_BLOCK_M = 128  # the Hopper warp-specialised kernel's (DeftWsConfig::kBlockM)
-WS_STAGES = 6     # its ring of 64-key K/V tiles (DeftWsConfig::kStages)
-WS_THREADS = 384  # a producer and two consumer warpgroups
+WS_BLOCK_M = 128   # the Hopper warp-specialised kernel's, two consumer warpgroups (DeftWsConfig::kBlockM)
+WS3_BLOCK_M = 192  # the same kernel with three consumer warpgroups
+WS_CONSUMERS = {WS_BLOCK_M: 2, WS3_BLOCK_M: 3}  # block_m -> consumer warpgroups (NC)
+WS_STAGES = {2: 6, 3: 5}  # its ring of 64-key K/V tiles (DeftWsConfig::kStages)
 BLOCK_N = 64   # keys per KV tile
 WORK_INTS = 8  # a work item's record: (chunk, row tile, the chunk's 4 fields, slot_base, dense slot); deft.cu kWorkInts
 CTA_OVERHEAD_KEYS = 128  # L0 of the chunk-length model (module docstring)
@@ -83,12 +85,14 @@ def _smem_bytes(head_dim: int, wgmma: bool) -> int:
     return tiles + 1024 if wgmma else tiles
 
 
-def _ws_smem_bytes(head_dim: int) -> int:
-    # DeftWsConfig::kBytes: the ring of [64][D] K/V tiles (Q passes through its last stage), per
-    # stage 128 queries' 64 visibility bits, 2 mbarriers and a flag; 1 KB more to start the tiles on
-    # a 1024-byte boundary.
-    tiles = 2 * WS_STAGES * BLOCK_N * head_dim * 2
-    return tiles + WS_STAGES * (WS_BLOCK_M * 8 + 16 + 4) + 1024
+def _ws_smem_bytes(head_dim: int, block_m: int = WS_BLOCK_M) -> int:
+    # DeftWsConfig::kBytes: the ring of [64][D] K/V tiles (two consumers: Q passes through its last
+    # stage; three: their Q tiles after it), per stage block_m queries' 64 visibility bits, 2
+    # mbarriers and a flag; 1 KB more to start the tiles on a 1024-byte boundary.
+    nc = WS_CONSUMERS[block_m]
+    stages = WS_STAGES[nc]
+    tiles = 2 * stages * BLOCK_N * head_dim * 2 + (nc * BLOCK_N * head_dim * 2 if nc == 3 else 0)
+    return tiles + stages * (block_m * 8 + 16 + 4) + 1024
 
 
 # Stage 1 on Hopper (compute capability 9.0): the 64-row tiles run on wgmma (an sm_90a kernel).
@@ -111,11 +115,12 @@ def spec(dtype: torch.dtype, head_dim: int, wgmma: bool = False) -> _jit.KernelS
 
 
 @functools.lru_cache(maxsize=None)
-def ws_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
-    """Stage 1, the warp-specialised sm_90a kernel (128-row work items)."""
+def ws_spec(dtype: torch.dtype, head_dim: int, consumers: int = 2) -> _jit.KernelSpec:
+    """Stage 1, the warp-specialised sm_90a kernel: 2 consumer warpgroups (128-row work items) or 3
+    (192-row items)."""
     return _jit.KernelSpec(family="deft", kernel="ft::deft_partial_ws_kernel",
-                           template_args=(_jit.ctype(dtype), head_dim),
-                           name=f"deft_partial_ws_{_jit.short(dtype)}_d{head_dim}",
+                           template_args=(_jit.ctype(dtype), head_dim, consumers),
+                           name=f"deft_partial_ws_{_jit.short(dtype)}_d{head_dim}{'_c3' if consumers == 3 else ''}",
                            arch_suffix="a", archs=("sm_90",))
 
 
@@ -127,7 +132,8 @@ def merge_spec(dtype: torch.dtype, head_dim: int) -> _jit.KernelSpec:
 
 
 _jit.register_shipped("deft", lambda: [s for dt in DTYPES for d in HEAD_DIMS
-                                       for s in (spec(dt, d), spec(dt, d, wgmma=True), ws_spec(dt, d), merge_spec(dt, d))])
+                                       for s in (spec(dt, d), spec(dt, d, wgmma=True), ws_spec(dt, d), ws_spec(dt, d, 3),
+                                                 merge_spec(dt, d))])
 
 
 # ---------------------------------------------------------------------------------- the plan
@@ -257,13 +263,19 @@ def choose_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_head
 
 
 WS_CHUNK_MULTIPLES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
-WS_SPLIT_COST = 0.6      # a split item (<= 64 rows: the consumers take alternate tiles), per tile
 WS_ITEM_OVERHEAD = 2.0   # tiles' worth per item: Q in, the split merge, the partial states out
+# The chunk-length model's cost per tile of a wide and of a split item (<= 64 rows: the consumers
+# take every NC-th tile), relative to a 128-row item; 128 rows: validated by chunk sweeps (NOTES,
+# sessions 6-17); 192 rows: the session 18 timeline's ratios (below).
+WS_TILE_COST = {WS_BLOCK_M: (1.0, 0.6), WS3_BLOCK_M: (1.3, 0.66)}
 
 
-def ws_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: int, num_sms: int) -> int:
-    """The chunk length for the persistent Hopper kernel: the makespan of its work items (in KV
-    tiles, longest first onto the least-loaded SM) plus the partial states' traffic, minimised."""
+
+def ws_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: int, num_sms: int,
+                 block_m: int = WS_BLOCK_M) -> int:
+    """The chunk length for the Hopper warp-specialised kernel (``block_m`` rows per item): the
+    makespan of its work items (in KV tiles, longest first onto the least-loaded SM) plus the
+    partial states' traffic, minimised."""
     n = len(q_lo)
     if n == 0:
         return BLOCK_N
@@ -273,9 +285,10 @@ def ws_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: i
         starts = np.arange(0, n, length)
         tiles = -(-np.diff(np.append(starts, n)) // BLOCK_N)
         rows = (np.maximum.reduceat(q_hi, starts) - np.minimum.reduceat(q_lo, starts)) * group
-        per_chunk = -(-rows // WS_BLOCK_M)
-        item_rows = np.minimum(WS_BLOCK_M, rows.repeat(per_chunk) - WS_BLOCK_M * _ranks(per_chunk))
-        cost = tiles.repeat(per_chunk) * np.where(item_rows <= 64, WS_SPLIT_COST, 1.0) + WS_ITEM_OVERHEAD
+        per_chunk = -(-rows // block_m)
+        item_rows = np.minimum(block_m, rows.repeat(per_chunk) - block_m * _ranks(per_chunk))
+        full, split = WS_TILE_COST[block_m]
+        cost = tiles.repeat(per_chunk) * np.where(item_rows <= 64, split, full) + WS_ITEM_OVERHEAD
         loads = np.zeros(num_sms)
         items = np.sort(np.repeat(cost, num_kv_heads))[::-1]
         for r in range(0, len(items), num_sms):  # longest first onto the least-loaded SMs, a round at a time
@@ -331,7 +344,10 @@ def _work_cost(chunks: np.ndarray, work: np.ndarray, group: int, block_m: int = 
     worth, + the keys each warp computes: 64 / warps_n, warps_n = 4 / warps_m)."""
     keys = chunks[work[:, 0], 1] - chunks[work[:, 0], 0]
     rows = np.minimum(block_m, (chunks[work[:, 0], 3] - chunks[work[:, 0], 2]) * group - block_m * work[:, 1])
-    if block_m == WS_BLOCK_M:  # 2 consumers: each takes 64 rows, or both split the tiles of <= 64 rows
+    if block_m in WS_CONSUMERS:  # each consumer takes 64 rows, or all split the tiles of <= 64 rows
+        # Split items last. On the long shared-prefix row they run longer per tile than wide ones
+        # (HBM-bound), and launching them first cut its merge by 0.5 us, but it made 128-row plans
+        # of DeFT's few-shot trees 17-27% slower (NOTES, session 18).
         return -(-keys // BLOCK_N) * np.where(rows <= 64, 1, 2)
     warps_m = np.where(rows <= 16, 1, np.where(rows <= 32, 2, 4))
     return -(-keys // BLOCK_N) * (32 + 16 * warps_m)
@@ -402,7 +418,13 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
         chunk_len: force a chunk length in tokens (a multiple of 64).
         block_m: rows per work item, which fixes the stage-1 kernel: 128 (the warp-specialised
             sm_90a kernel; the default on compute capability 9.0 unless FLASHTREE_WGMMA=0) or 64
-            (the 64-row kernels; the default elsewhere).
+            (the 64-row kernels; the default elsewhere). 192 (opt-in, compute capability 9.0):
+            the warp-specialised kernel with three consumer warpgroups, ~13% less time per row on
+            wide tiles, for trees whose wide chunks have a multiple of 192 rows or a little more
+            (H200, NOTES session 18: DeFT's few-shot width 50, 200 rows, 48.0-48.1 us against
+            52.8 with the plan's 64-row items); a remainder of 64 rows runs as a split item bound
+            by its tile copies, so 256-row chunks are slower with it (the long shared-prefix row:
+            71.0-72.6 us against 62.5 with 128).
     """
     if not isinstance(cache, TreeKVCache):
         raise TypeError(f"cache: expected a flashtree.kvcache.TreeKVCache, got {type(cache).__name__}")
@@ -411,8 +433,8 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
         raise ValueError(f"num_qo_heads: expected a positive multiple of Hkv = {hkv}, got {num_qo_heads!r}")
     group = num_qo_heads // hkv
     device = torch.device(device) if device is not None else cache.k_pools[0].device
-    if block_m is not None and block_m not in (BLOCK_M, WS_BLOCK_M):
-        raise ValueError(f"block_m: expected {BLOCK_M} or {WS_BLOCK_M}, got {block_m!r}")
+    if block_m is not None and block_m not in (BLOCK_M, WS_BLOCK_M, WS3_BLOCK_M):
+        raise ValueError(f"block_m: expected {BLOCK_M}, {WS_BLOCK_M} or {WS3_BLOCK_M}, got {block_m!r}")
     leaves = cache.leaves()
     if not leaves:
         raise ValueError("cache: expected a tree with a root, got an empty cache")
@@ -464,14 +486,19 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
     if num_sms is None:
         num_sms = _num_sms(device)
     hopper = use_wgmma(device)
-    # The Hopper kernel's chunk length serves both its choice and, if chosen, the plan (one model run).
-    ws_len = (ws_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms)
-              if block_m == WS_BLOCK_M or (block_m is None and hopper) else None)
+    # The two-consumer kernel's chunk length serves both the choice and, if it is chosen, the plan.
+    ws_len = None
     if block_m is None:
+        if hopper:
+            ws_len = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms)
         block_m = _choose_block_m(tokens, group, hkv, num_sms, ws_len) if hopper else BLOCK_M
     if chunk_len is None:
-        chunk_len = (ws_len if block_m == WS_BLOCK_M
-                     else choose_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms))
+        if block_m in WS_CONSUMERS:
+            if ws_len is None or block_m != WS_BLOCK_M:
+                ws_len = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms, block_m)
+            chunk_len = ws_len
+        else:
+            chunk_len = choose_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms)
     elif not isinstance(chunk_len, int) or chunk_len < BLOCK_N or chunk_len % BLOCK_N:
         raise ValueError(f"chunk_len: expected a positive multiple of {BLOCK_N}, got {chunk_len!r}")
     total = len(tokens)
@@ -571,17 +598,19 @@ class _Validated:
     partial: _jit.runtime.LoadedKernel
     partial_smem: int
     partial_threads: int
+    ws: bool  # the warp-specialised kernel (TMA tensor maps before its other parameters)
     merge: _jit.runtime.LoadedKernel
     strides_aligned: bool
 
 
 def _validated_entry(q, k_pool, v_pool, scale, block_m) -> _Validated:
     d = q.shape[2]
-    if block_m == WS_BLOCK_M:
-        partial = (_jit.get_kernel(ws_spec(q.dtype, d), q.device), _ws_smem_bytes(d), WS_THREADS)
+    if block_m in WS_CONSUMERS:
+        nc = WS_CONSUMERS[block_m]
+        partial = (_jit.get_kernel(ws_spec(q.dtype, d, nc), q.device), _ws_smem_bytes(d, block_m), 128 * (nc + 1), True)
     else:
         wgmma = use_wgmma(q.device)
-        partial = (_jit.get_kernel(spec(q.dtype, d, wgmma), q.device), _smem_bytes(d, wgmma), 128)
+        partial = (_jit.get_kernel(spec(q.dtype, d, wgmma), q.device), _smem_bytes(d, wgmma), 128, False)
     return _Validated(scale, *partial,
                       _jit.get_kernel(merge_spec(q.dtype, d), q.device),
                       all(_checks.strides16(x, range(x.dim() - 1)) for x in (q, k_pool, v_pool)))
@@ -591,7 +620,7 @@ def _launch_partial(q, k_pool, v_pool, plan, entry: _Validated, mid_o: int, mid_
     """Stage 1 on the current stream: every (work item, KV head) into the workspace (mid_o, mid_lse
     pointers)."""
     layout, maps = _PARTIAL_PARAMS, ()
-    if entry.partial_threads == WS_THREADS:
+    if entry.ws:
         # K/V tiles at consecutive slots go by TMA: the pool [pages, Hkv, P, D] as a 4-D tensor map,
         # one box = 64 keys (min(P, 64) rows of 64 // min(P, 64) consecutive pages) x 64 columns
         rows = min(plan.page_size, BLOCK_N)
@@ -646,8 +675,8 @@ def _check(q, k_pool, v_pool, plan, out, workspace):
         if max(x.stride()[1:3]) >= 2**31:
             raise ValueError(f"{name}: expected head and row strides below 2**31 elements, got strides {x.stride()}")
     _checks.same_device(q=q, k_pool=k_pool, v_pool=v_pool, plan=plan.meta)
-    if plan.block_m == WS_BLOCK_M and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) != (9, 0):
-        raise ValueError(f"plan: block_m {WS_BLOCK_M} runs the sm_90a kernel and needs compute capability 9.0, got "
+    if plan.block_m in WS_CONSUMERS and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) != (9, 0):
+        raise ValueError(f"plan: block_m {plan.block_m} runs the sm_90a kernel and needs compute capability 9.0, got "
                          f"{torch.cuda.get_device_capability(q.device)}; plan with block_m={BLOCK_M}")
     if q.device.type == "cuda":
         _checks.dtype_in("q", q, DTYPES)

@@ -372,12 +372,17 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
   deft_store_rows(st, m0 + warp_row0 + g, rows, group, hk, slot_base[c], num_heads, mid_o, mid_lse, lane);
 }
 
-// Stage 1 on Hopper for wide shared chunks, warp-specialised (sm_90a): one CTA per SM, 3
-// warpgroups, per work item (chunk, 128-row tile) x KV head. Warpgroup 0 (the producer) fills a
-// ring of kStages 64-key K/V tiles; warpgroups 1 and 2 (the consumers) compute. With more than 64
-// rows each consumer owns 64 of them and both read every K/V tile (half the tile traffic per row
-// of the 64-row kernels); with 64 rows or fewer both own the same rows and take alternate tiles,
-// then merge (split keys).
+// Stage 1 on Hopper for wide shared chunks, warp-specialised (sm_90a): one CTA per SM, NC + 1
+// warpgroups, per work item (chunk, 64 NC-row tile) x KV head. Warpgroup 0 (the producer) fills a
+// ring of kStages 64-key K/V tiles; warpgroups 1 .. NC (the consumers) compute. With more than 64
+// rows each consumer owns 64 of them (a consumer past the item's rows idles) and all read every
+// K/V tile (1 / NC of the tile traffic per row of the 64-row kernels); with 64 rows or fewer all own
+// the same rows and take every NC-th tile, then merge (split keys).
+//   NC = 2 (128-row items): Q in registers (A fragments), 168 registers per thread.
+//   NC = 3 (192-row items): three consumer chains per SM, which overlap better on the tensor cores
+//   (benchmarks/wg_chains.py, H200: 1292-1350 cycles per 128 rows of a 64-key step against 1568
+//   for two). The registers (512 threads: 128 each at launch) are split by setmaxnreg, producer 80
+//   and consumers 144, so Q stays in shared memory (SS products) and the ring has 5 stages.
 //   Producer, per tile: wait until its stage is empty; take the tile's 64 records (loaded two
 //   tiles ahead into registers); vote whether every query of the item sees every key (then the
 //   tile is "full"); issue a dense tile's copy (below); unless full, write the 64 visibility bits
@@ -392,37 +397,46 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 //   A work item whose chunk the plan marks dense (its record's dense slot: every key at
 //   consecutive box-aligned slots and seen by every query of the chunk) loads no records: each
 //   tile is one TMA copy from that slot, and after tile 0 the producer waits for the consumers' Q.
-//   Consumer: Q rows through the ring's last stage into registers (A fragments), then an arrival on
-//   that stage's `empty` barrier (its first phase); per tile wait for `full`,
-//   one wg_attention_step unless the tile belongs to the other consumer, then each warp arrives on
-//   the stage's `empty` mbarrier (both products have completed); at the end the split merge (through
-//   the idle ring) and the store.
+//   Consumer: Q rows through the ring's last stage into registers (NC = 2: A fragments) or into its
+//   own tile (NC = 3), then an arrival on the last stage's `empty` barrier (its first phase); per
+//   tile wait for `full`, one wg_attention_step unless the tile belongs to another consumer, then
+//   each warp arrives on the stage's `empty` mbarrier (both products have completed); at the end
+//   the split merge (through the idle ring) and the store.
 // Measured and dropped (benchmarks/NOTES.md, session 6): TMA boxes of one key or of 8 keys for every
 // tile, 128-key tiles, Q in shared memory, register reallocation between the warpgroups, ping-pong
 // ordering of the consumers, a persistent grid (its split-merge buffer cost a stage: slower). Sessions
 // 12, 13 and 15: the pipelined consumer step (wg_attention_step_pipelined) measured slower here.
-template <int D>
+template <int D, int NC>
 struct DeftWsConfig {
-  static constexpr int kThreads = 384;
-  static constexpr int kBlockM = 128;  // rows per work item
+  static_assert(NC == 2 || NC == 3, "two or three consumer warpgroups");
+  static constexpr int kThreads = 128 * (NC + 1);
+  static constexpr int kBlockM = 64 * NC;  // rows per work item
   static constexpr int kBlockN = 64;   // keys per K/V tile
-  static constexpr int kStages = 6;  // measured on the long row: 3 / 4 / 5 stages 94.0 / 81.5 / 74.4 us
+  // NC = 2, measured on the long row: 3 / 4 / 5 stages 94.0 / 81.5 / 74.4 us (cp.async copies).
+  // NC = 3: 5, beside the consumers' Q tiles.
+  static constexpr int kStages = NC == 2 ? 6 : 5;
+  static constexpr bool kQInSmem = NC == 3;                  // SS products for S
+  static constexpr int kProducerRegs = 80, kConsumerRegs = 144;  // NC = 3 (setmaxnreg); NC = 2: 168 each
+  static_assert(NC == 2 || 128 * kProducerRegs + 128 * NC * kConsumerRegs <= 65536, "the launch's registers");
   static constexpr int kLag = 2;  // tile t is published after tile t + kLag is issued (< kStages)
   static constexpr int kTileElems = 64 * D;  // K or V of one stage, WgTile<D, 64>
   static constexpr int kChunks = D / 8;
   static constexpr int kRowsPerPass = 32 / kChunks;  // a producer warp copies 16 rows, kChunks lanes per row
   static constexpr int kRedFloats = DeftConfig<D>::kRedFloats;  // the split merge, per consumer warp
-  // Shared memory: kStages x (K [64][D], V [64][D]), per stage the visibility bits [128
-  // queries][2] u32, the 2 x kStages mbarriers and a full flag per stage (the host: same sum). The
-  // consumers' Q rows pass through the last stage before the producer first fills it.
+  // Shared memory: kStages x (K [64][D], V [64][D]), NC = 3: the consumers' Q [NC][64][D], per
+  // stage the visibility bits [kBlockM queries][2] u32, the 2 x kStages mbarriers and a full flag
+  // per stage (the host: same sum). With NC = 2 the consumers' Q rows pass through the last stage
+  // before the producer first fills it.
   static constexpr int kTileBytes = 2 * kStages * kTileElems * 2;
+  static constexpr int kQBytes = kQInSmem ? NC * kTileElems * 2 : 0;
   static constexpr int kVisBytes = kStages * kBlockM * 8;
-  static constexpr int kBytes = kTileBytes + kVisBytes + 2 * kStages * 8 + kStages * 4;
-  static_assert(kTileBytes % 1024 == 0 && 4 * kRedFloats * 4 <= 2 * kStages * kTileElems * 2, "aligned tiles; the merge fits the ring");
+  static constexpr int kBytes = kTileBytes + kQBytes + kVisBytes + 2 * kStages * 8 + kStages * 4;
+  static_assert(kTileBytes % 1024 == 0 && (NC - 1) * 4 * kRedFloats * 4 <= kTileBytes, "aligned tiles; the merge fits the ring");
 };
 
 // What one work item covers.
 // Its record carries its chunk (one dependent load less at the item's start).
+template <int BLOCK_M>
 struct DeftWsItem {
   int c, hk, m0, rows, rows_here, q_first, nq_here, num_tiles, slot_base, dense_slot;
   DeftChunk ch;
@@ -436,16 +450,16 @@ struct DeftWsItem {
     slot_base = b.z;
     dense_slot = b.w;
     rows = (ch.q1 - ch.q0) * group;
-    m0 = a.y * 128;
-    rows_here = min(128, rows - m0);
+    m0 = a.y * BLOCK_M;
+    rows_here = min(BLOCK_M, rows - m0);
     q_first = ch.q0 + m0 / group;                            // the item's queries: q_first + ql
-    nq_here = (m0 + rows_here - 1) / group - m0 / group + 1;  // <= 128
+    nq_here = (m0 + rows_here - 1) / group - m0 / group + 1;  // <= BLOCK_M
     num_tiles = (ch.tok_end - ch.tok_begin + 63) / 64;
   }
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(384, 1)
+template <typename T, int D, int NC>
+__global__ void __launch_bounds__(128 * (NC + 1), 1)
 deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_constant__ TmaDesc tma_v, int tma_rows,
                        const T* __restrict__ q, i64 q_sq, i64 q_sh,
                        const T* __restrict__ k_pool, i64 k_sp, int k_sh, int k_sr,
@@ -455,14 +469,15 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
                        const int* __restrict__ qmask_off, const int* __restrict__ mask,
                        float* __restrict__ mid_o, float* __restrict__ mid_lse,
                        int num_heads, int group, float scale_log2) {
-  using Cfg = DeftWsConfig<D>;
+  using Cfg = DeftWsConfig<D, NC>;
   using Tile = WgTile<D, 64>;
   static_assert(kHaveWgmma, "the warp-specialised kernel needs the sm_90a target");
   constexpr int S = Cfg::kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* smem_base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // the host adds 1 KB
   T* smem_kv = reinterpret_cast<T*>(smem_base);               // stage s: K at 2 s, V at 2 s + 1
-  u32* smem_vis = reinterpret_cast<u32*>(smem_base + Cfg::kTileBytes);  // [S][128][2]
+  T* smem_q = reinterpret_cast<T*>(smem_base + Cfg::kTileBytes);  // NC = 3: consumer c's Q at c
+  u32* smem_vis = reinterpret_cast<u32*>(smem_base + Cfg::kTileBytes + Cfg::kQBytes);  // [S][kBlockM][2]
   u64* bar_full = reinterpret_cast<u64*>(smem_vis + S * Cfg::kBlockM * 2);  // [S]
   u64* bar_empty = bar_full + S;                               // [S]
   int* smem_full = reinterpret_cast<int*>(bar_empty + S);      // [S]
@@ -472,13 +487,14 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(bar_full + s, 128);  // the producer's threads
-      mbar_init(bar_empty + s, 8);   // the consumers' warps
+      mbar_init(bar_empty + s, 4 * NC);  // the consumers' warps
     }
   }
   __syncthreads();
 
-  const DeftWsItem w(blockIdx.x, work, num_kv_heads, group);
+  const DeftWsItem<Cfg::kBlockM> w(blockIdx.x, work, num_kv_heads, group);
   if (wg == 0) {
+    if constexpr (NC == 3) setmaxnreg_dec<Cfg::kProducerRegs>();
     // Producer. Warp pw copies rows 16 pw .. 16 pw + 15 of each tile: lane l the 16-byte column
     // l % kChunks of rows 16 pw + l / kChunks + kRowsPerPass j. Their slots come by shuffle from
     // the records: key r's record is held by lane r % 32 of rec[r / 32] = rec[pw / 2].
@@ -606,11 +622,14 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
   }
 
   // Consumers: warpgroup cw owns rows m0 + mw .. m0 + mw + 63 (mw = 0 when splitting keys).
+  if constexpr (NC == 3) setmaxnreg_inc<Cfg::kConsumerRegs>();
   const int cw = wg - 1, w4 = warp % 4;
   const bool split = w.rows_here <= 64;
   const int mw = split ? 0 : 64 * cw;
+  const bool idle = w.m0 + mw >= w.rows;  // past the item's rows: it only releases the stages
   const int m_lane = w.m0 + mw + 16 * w4 + lane / 4;  // the lane's first row
-  T* my_q = smem_kv + (2 * (S - 1) + cw) * Cfg::kTileElems;  // the last stage's K (consumer 0) or V (1)
+  // NC = 2: the last stage's K (consumer 0) or V (1), then registers; NC = 3: the consumer's own tile.
+  T* my_q = Cfg::kQInSmem ? smem_q + cw * Cfg::kTileElems : smem_kv + (2 * (S - 1) + cw) * Cfg::kTileElems;
   for (int i = tid % 128; i < 64 * Cfg::kChunks; i += 128) {
     const int r = i / Cfg::kChunks, cc = i % Cfg::kChunks;
     const int m = w.m0 + mw + r;
@@ -621,10 +640,13 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
   }
   cp_async_commit();
   cp_async_wait<0>();
+  if constexpr (Cfg::kQInSmem) fence_proxy_async();  // the copies (generic proxy) before the wgmma reads
   named_barrier_sync(1 + cw, 128);
-  u32 qf[D / 16][4];
+  u32 qf[Cfg::kQInSmem ? 1 : D / 16][4];
+  if constexpr (!Cfg::kQInSmem) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, Tile>(qf[kk], my_q, 16 * w4, kk, lane);
+    for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, Tile>(qf[kk], my_q, 16 * w4, kk, lane);
+  }
   __syncwarp();
   if (lane == 0) mbar_arrive(bar_empty + S - 1);  // Q is in registers: the producer may fill the stage
 
@@ -633,7 +655,7 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
   for (int it = 0; it < w.num_tiles; ++it) {
     const int stage = it % S;
     mbar_wait(bar_full + stage, (it / S) & 1);
-    if (!split || (it & 1) == cw) {
+    if (split ? it % NC == cw : NC == 2 || !idle) {  // two consumers: none idles
       const T* sk = smem_kv + 2 * stage * Cfg::kTileElems;
       auto tile_vis = [&](unsigned long long (&vis)[2]) {
 #pragma unroll
@@ -642,20 +664,36 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
           vis[r] = *reinterpret_cast<const unsigned long long*>(smem_vis + (stage * Cfg::kBlockM + ql) * 2);
         }
       };
-      wg_attention_step<T, D>(st, qf, smem_addr(sk), smem_addr(sk + Cfg::kTileElems), smem_full[stage] != 0,
-                              tile_vis, scale_log2, lane);
+      if constexpr (Cfg::kQInSmem)
+        wg_attention_step_ss<T, D>(st, smem_addr(my_q), smem_addr(sk), smem_addr(sk + Cfg::kTileElems),
+                                   smem_full[stage] != 0, tile_vis, scale_log2, lane);
+      else
+        wg_attention_step<T, D>(st, qf, smem_addr(sk), smem_addr(sk + Cfg::kTileElems), smem_full[stage] != 0,
+                                tile_vis, scale_log2, lane);
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(bar_empty + stage);
   }
 
-  if (split) {  // the two consumers ran the same rows over alternate tiles: merge through the ring
+  if (split) {  // the consumers ran the same rows over every NC-th tile: merge through the ring
     float* red = reinterpret_cast<float*>(smem_kv);
-    named_barrier_sync(3, 256);  // both have left the ring (every copy has landed: all tiles were waited for)
-    if (cw == 1) deft_save_rows(st, red + w4 * Cfg::kRedFloats, lane);
-    named_barrier_sync(3, 256);
-    if (cw == 1) return;
-    deft_merge_rows(st, red + w4 * Cfg::kRedFloats, lane);
+    named_barrier_sync(1 + NC, 128 * NC);  // all have left the ring (every copy has landed: all tiles were waited for)
+    if constexpr (NC == 2) {
+      if (cw == 1) deft_save_rows(st, red + w4 * Cfg::kRedFloats, lane);
+      named_barrier_sync(1 + NC, 128 * NC);
+      if (cw == 1) return;
+      deft_merge_rows(st, red + w4 * Cfg::kRedFloats, lane);
+    } else {
+      // From the last consumer down: consumer c (holding the states of c + 1 .. NC - 1) saves to
+      // its slice, consumer c - 1 folds it in. A fixed order (bitwise deterministic), one merge per
+      // consumer (two in consumer 0 spilled at 144 registers).
+      for (int c = NC - 1; c > 0; --c) {
+        if (cw == c) deft_save_rows(st, red + (4 * (c - 1) + w4) * Cfg::kRedFloats, lane);
+        named_barrier_sync(1 + NC, 128 * NC);
+        if (cw == c - 1) deft_merge_rows(st, red + (4 * (c - 1) + w4) * Cfg::kRedFloats, lane);
+      }
+      if (cw > 0) return;
+    }
   }
   deft_store_rows(st, m_lane, w.rows, group, w.hk, w.slot_base, num_heads, mid_o, mid_lse, lane);
 }

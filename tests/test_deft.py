@@ -150,13 +150,13 @@ def test_chunk_length_worked_example():
 
 def test_plan_block_m(gen):
     c = build_tree(gen, depth=3, max_branch=6, max_len=200, page=16, hkv=2, d=16)
-    for block_m in (64, 128):  # 128: the Hopper warp-specialised kernel's work items
+    for block_m in (64, 128, 192):  # 128, 192: the Hopper warp-specialised kernels' work items
         plan = deft.deft_plan(c, 8, chunk_len=128, block_m=block_m)
         h = plan.host
         rows = (h["chunks"][:, 3] - h["chunks"][:, 2]) * 4
         assert plan.block_m == block_m
         np.testing.assert_array_equal(np.bincount(h["work"][:, 0], minlength=len(rows)), -(-rows // block_m))
-    with pytest.raises(ValueError, match="block_m: expected 64 or 128, got 100"):
+    with pytest.raises(ValueError, match="block_m: expected 64, 128 or 192, got 100"):
         deft.deft_plan(c, 8, block_m=100)
     assert deft.deft_plan(c, 8).block_m == 64  # a CPU plan: the 64-row kernels
 
@@ -305,18 +305,18 @@ def check_gpu(c, plan, q, what, **kw):
     return out
 
 
-@pytest.fixture(params=["ws", "wgmma", "mma.sync"])
+@pytest.fixture(params=["ws", "ws3", "wgmma", "mma.sync"])
 def stage1(request, monkeypatch):
     """Each stage-1 kernel the device runs: on compute capability 9.0 the warp-specialised kernel
-    (128-row work items, forced here: the plan picks it for wide shared trees) and the 64-row
-    wgmma kernel, both sm_90a, and the portable mma.sync kernel with FLASHTREE_WGMMA=0; elsewhere
-    only the latter."""
+    with two consumers (128-row work items) and three (192 rows), forced here (the plan picks them
+    for wide shared trees), and the 64-row wgmma kernel, all sm_90a, and the portable mma.sync
+    kernel with FLASHTREE_WGMMA=0; elsewhere only the latter."""
     hopper = request.param != "mma.sync"
     if hopper and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("sm_90a kernels need compute capability 9.0")
     monkeypatch.setattr(deft, "_WGMMA", hopper)
     monkeypatch.setattr(deft, "_validated", {})  # validated entries keep their loaded kernels
-    block_m = deft.WS_BLOCK_M if request.param == "ws" else deft.BLOCK_M
+    block_m = {"ws": deft.WS_BLOCK_M, "ws3": deft.WS3_BLOCK_M}.get(request.param, deft.BLOCK_M)
     monkeypatch.setattr(deft, "_choose_block_m", lambda *args: block_m)
     assert deft.use_wgmma(torch.device("cuda")) == hopper
     return request.param

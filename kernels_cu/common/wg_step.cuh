@@ -72,21 +72,14 @@ __device__ __forceinline__ void wg_issue_pv(float (&o)[D / 8][4], const u32 (&p)
   wgmma_commit();
 }
 
-// One 64-key softmax step of a 64-row tile on the warpgroup's tensor cores (wgmma, sm_90a): the 4
-// warps issue S (64 x 64) = Q K^T together (Q from registers: q holds this warp's 16 rows as A
-// fragments; K from shared memory), each warp then runs the softmax of its 16 rows on its
-// fragment of S (the mma.sync layout), and O (64 x D) += P V takes P from registers and V from
-// shared memory. k and v are the tiles' shared-memory byte addresses (WgTile<D, 64> layout,
-// 1024-byte aligned); tile_vis(vis) reads the lane's visibility bits (called only if !full). Both
-// products complete before it returns: the next barrier may hand this tile's K/V stage to a copy.
+// The rest of a 64-key softmax step once S (64 x 64) is in registers: each warp runs the softmax of
+// its 16 rows on its fragment of S (the mma.sync layout), then O (64 x D) += P V takes P from
+// registers and V from shared memory (byte address v). tile_vis(vis) reads the lane's visibility
+// bits (called only if !full). Both products complete before it returns: the next barrier may hand
+// the tile's K/V stage to a copy.
 template <typename T, int D, typename VisFn>
-__device__ __forceinline__ void wg_attention_step(RowState<D>& st, const u32 (&q)[D / 16][4], u32 k, u32 v,
-                                                  bool full, VisFn tile_vis, float scale_log2, int lane) {
-  float s[8][4];
-  wgmma_fence();
-  wg_issue_scores<T, D>(s, q, k);
-  wgmma_wait<0>();
-
+__device__ __forceinline__ void wg_softmax_pv(RowState<D>& st, float (&s)[8][4], u32 v, bool full, VisFn tile_vis,
+                                              float scale_log2, int lane) {
   if (!full) {  // the bits are read only now: no registers held across the product
     unsigned long long vis[2];
     tile_vis(vis);
@@ -103,6 +96,32 @@ __device__ __forceinline__ void wg_attention_step(RowState<D>& st, const u32 (&q
   wgmma_fence();
   wg_issue_pv<T, D>(st.o_acc, p, v);
   wgmma_wait<0>();
+}
+
+// One 64-key softmax step of a 64-row tile on the warpgroup's tensor cores (wgmma, sm_90a): the 4
+// warps issue S (64 x 64) = Q K^T together (Q from registers: q holds this warp's 16 rows as A
+// fragments; K from shared memory), then wg_softmax_pv. k and v are the tiles' shared-memory byte
+// addresses (WgTile<D, 64> layout, 1024-byte aligned).
+template <typename T, int D, typename VisFn>
+__device__ __forceinline__ void wg_attention_step(RowState<D>& st, const u32 (&q)[D / 16][4], u32 k, u32 v,
+                                                  bool full, VisFn tile_vis, float scale_log2, int lane) {
+  float s[8][4];
+  wgmma_fence();
+  wg_issue_scores<T, D>(s, q, k);
+  wgmma_wait<0>();
+  wg_softmax_pv<T, D>(st, s, v, full, tile_vis, scale_log2, lane);
+}
+
+// wg_attention_step with Q from shared memory (a WgTile<D, 64> at byte address q): 32 registers
+// fewer per thread, 16 KB more shared-memory reads per step.
+template <typename T, int D, typename VisFn>
+__device__ __forceinline__ void wg_attention_step_ss(RowState<D>& st, u32 q, u32 k, u32 v, bool full,
+                                                     VisFn tile_vis, float scale_log2, int lane) {
+  float s[8][4];
+  wgmma_fence();
+  wg_issue_ss<T, D>(s, q, k);
+  wgmma_wait<0>();
+  wg_softmax_pv<T, D>(st, s, v, full, tile_vis, scale_log2, lane);
 }
 
 // The software-pipelined form of wg_attention_step (FlashAttention-3's intra-warpgroup overlap): the
