@@ -21,25 +21,6 @@ SRC = r"""
 #include "common/wg_step.cuh"
 
 namespace ft {
-// wg_attention_step with Q read from shared memory (SS) instead of registers: 32 registers fewer.
-template <int D>
-__device__ __forceinline__ void step_qss(RowState<D>& st, u32 q, u32 k, u32 v, float scale_log2) {
-  float s[8][4];
-  wgmma_fence();
-  wg_issue_ss<bf16, D>(s, q, k);
-  wgmma_wait<0>();
-  online_softmax_step(s, scale_log2, st.row_max, st.l_acc, st.o_acc);
-  u32 p[4][4];
-#pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    acc_to_a<bf16>(p[kk], s, kk);
-    mma_row_sum<bf16>(st.l_acc, p[kk]);
-  }
-  wgmma_fence();
-  wg_issue_pv<bf16, D>(st.o_acc, p, v);
-  wgmma_wait<0>();
-}
-
 template <int NC, int PREG, int CREG, bool PIPE, bool QSS>
 __global__ void __launch_bounds__(128 * (NC + 1), 1) chains(int iters, long long* cycles, float* sink) {
   using Tile = WgTile<128, 64>;
@@ -74,7 +55,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) chains(int iters, long long
     if (it == 0) t0 = clock64();
     const u32 k = smem_addr(base) + (it & 1) * 32768;  // two stages in turn
     if constexpr (QSS)
-      step_qss<128>(st, smem_addr(my_q), k, k + 16384, scale_log2);
+      wg_attention_step_ss<bf16, 128>(st, smem_addr(my_q), k, k + 16384, true, no_vis, scale_log2, lane);
     else if constexpr (PIPE)
       wg_attention_step_pipelined<bf16, 128>(st, pend, qf, k, k + 16384, true, no_vis, scale_log2, lane);
     else
