@@ -7,12 +7,12 @@
   python benchmarks/diag.py overhead                        eager vs CUDA-graph time: the host's share
   python benchmarks/diag.py deft_host                       deft_attention eager vs graph, host profile
   python benchmarks/diag.py deft_host_parts                 deft_attention eager: host time up to the first launch, parts
-  python benchmarks/diag.py deft_kernels                    deft_attention GPU time per kernel (profiler)
+  python benchmarks/diag.py deft_kernels [M]                deft_attention GPU time per kernel (profiler), M rows per item
   python benchmarks/diag.py deft_row I [L M]                deft_attention on shared-prefix row I (for ncu), chunk
                                                             length L and rows per item M (0: the plan's); with
                                                             DIAG_TIME=1 also its graph-replay time
-  python benchmarks/diag.py deft_chunks I                   deft_attention on row I for each chunk length and M
-  python benchmarks/diag.py deft_blockm                     every shared-prefix row with M = 64 and M = 128
+  python benchmarks/diag.py deft_chunks I [M]               deft_attention on row I for each chunk length and M
+  python benchmarks/diag.py deft_blockm                     every shared-prefix row with M = 64, 128 and 192
   python benchmarks/diag.py dfs_fwd                         tree_attention forward on the dfs suite's trees
   python benchmarks/diag.py hostprofile                     cProfile of the host path of tiny calls
 """

@@ -24,7 +24,8 @@ for dtype, d, hkv, h, page, lens in [(torch.bfloat16, 128, 2, 8, 16, (1, 40, 9))
     hopper = torch.cuda.get_device_capability() == (9, 0)
     for chunk_len, block_m in ((64, None), (None, None)) + (((64, 128), (None, 128), (64, 192), (None, 192)) if hopper else ()):
         # many small chunks spanning nodes, then the automatic length; on Hopper also the
-        # warp-specialised kernels (128- and 192-row work items), which the plan picks for wide trees only
+        # warp-specialised kernels (128-row work items, which the plan picks for wide trees only, and
+        # the opt-in 192-row ones)
         plan = flashtree.deft_plan(c, h, queries_per_leaf={kids[2]: 5}, tail_masks={kids[2]: mask}, chunk_len=chunk_len,
                                    block_m=block_m)
         q = torch.randn(plan.num_queries, h, d, device=dev, dtype=dtype)

@@ -85,7 +85,7 @@ def _smem_bytes(head_dim: int, wgmma: bool) -> int:
     return tiles + 1024 if wgmma else tiles
 
 
-def _ws_smem_bytes(head_dim: int, block_m: int = WS_BLOCK_M) -> int:
+def _ws_smem_bytes(head_dim: int, block_m: int) -> int:
     # DeftWsConfig::kBytes: the ring of [64][D] K/V tiles (two consumers: Q passes through its last
     # stage; three: their Q tiles after it), per stage block_m queries' 64 visibility bits, 2
     # mbarriers and a flag; 1 KB more to start the tiles on a 1024-byte boundary.
@@ -266,9 +266,9 @@ WS_CHUNK_MULTIPLES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 WS_ITEM_OVERHEAD = 2.0   # tiles' worth per item: Q in, the split merge, the partial states out
 # The chunk-length model's cost per tile of a wide and of a split item (<= 64 rows: the consumers
 # take every NC-th tile), relative to a 128-row item; 128 rows: validated by chunk sweeps (NOTES,
-# sessions 6-17); 192 rows: the session 18 timeline's ratios (below).
+# sessions 6-17); 192 rows: the session 18 timeline's per-tile cycles (2220 wide, 1130 split, against
+# 1710 for a 128-row item).
 WS_TILE_COST = {WS_BLOCK_M: (1.0, 0.6), WS3_BLOCK_M: (1.3, 0.66)}
-
 
 
 def ws_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: int, num_sms: int,

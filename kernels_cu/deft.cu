@@ -648,7 +648,7 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
     for (int kk = 0; kk < D / 16; ++kk) load_a_frag<D, Tile>(qf[kk], my_q, 16 * w4, kk, lane);
   }
   __syncwarp();
-  if (lane == 0) mbar_arrive(bar_empty + S - 1);  // Q is in registers: the producer may fill the stage
+  if (lane == 0) mbar_arrive(bar_empty + S - 1);  // Q is loaded (NC = 2: in registers): the producer may fill the stage
 
   RowState<D> st;
   st.clear();

@@ -308,8 +308,8 @@ def check_gpu(c, plan, q, what, **kw):
 @pytest.fixture(params=["ws", "ws3", "wgmma", "mma.sync"])
 def stage1(request, monkeypatch):
     """Each stage-1 kernel the device runs: on compute capability 9.0 the warp-specialised kernel
-    with two consumers (128-row work items) and three (192 rows), forced here (the plan picks them
-    for wide shared trees), and the 64-row wgmma kernel, all sm_90a, and the portable mma.sync
+    with two consumers (128-row work items; the plan picks it for wide shared trees) and three (192
+    rows; opt-in), forced here, and the 64-row wgmma kernel, all sm_90a, and the portable mma.sync
     kernel with FLASHTREE_WGMMA=0; elsewhere only the latter."""
     hopper = request.param != "mma.sync"
     if hopper and torch.cuda.get_device_capability() != (9, 0):
