@@ -4,10 +4,10 @@ DeFT's warp-specialised stage 1 (kernels_cu/deft.cu) runs two consumer warpgroup
 serial chain S = Q K^T, softmax, O += P V on 64 rows and a 64-key tile. Session 17's timeline put
 that chain at ~1700 cycles per 128-row step against 1024 for the products at the SM's tensor rate.
 If the chains' latency, not a shared pipe, sets the step, a third chain per SM should do 192 rows
-in little more time than two do 128.
+in little more time than two do 128 (and a fourth, with no producer warpgroup, 256).
 
-Each CTA (one per SM) has one idle "producer" warpgroup and NC consumer warpgroups that run the
-shipped `wg_attention_step` (or its pipelined form) `iters` times on one K/V tile in shared memory
+Each CTA (one per SM) has NP idle "producer" warpgroups (1, or 0) and NC consumer warpgroups that
+run the shipped `wg_attention_step` (or its pipelined form) `iters` times on one K/V tile in shared memory
 (every key visible), with registers split as a real kernel would split them (`setmaxnreg`: the
 producer gives back, the consumers take). clock64() per warpgroup; the table gives cycles per step
 and per 128 rows (cycles x 2 / NC). `python benchmarks/wg_chains.py` (sm_90 only)."""
@@ -21,8 +21,8 @@ SRC = r"""
 #include "common/wg_step.cuh"
 
 namespace ft {
-template <int NC, int PREG, int CREG, bool PIPE, bool QSS>
-__global__ void __launch_bounds__(128 * (NC + 1), 1) chains(int iters, long long* cycles, float* sink) {
+template <int NC, int NP, int PREG, int CREG, bool PIPE, bool QSS>
+__global__ void __launch_bounds__(128 * (NC + NP), 1) chains(int iters, long long* cycles, float* sink) {
   using Tile = WgTile<128, 64>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   unsigned char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -32,12 +32,12 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) chains(int iters, long long
     reinterpret_cast<u32*>(base)[i] = 0x38003800u ^ ((i * 2654435761u) & 0x01ff01ffu);
   fence_proxy_async();
   __syncthreads();
-  if (wg == 0) {  // the producer: gives its registers back and idles
+  if (wg < NP) {  // the producer (NP = 0: none): gives its registers back and idles
     if constexpr (PREG > 0) setmaxnreg_dec<PREG>();
     return;
   }
   if constexpr (CREG > 0) setmaxnreg_inc<CREG>();
-  const int cw = wg - 1;
+  const int cw = wg - NP;
   const bf16* my_q = reinterpret_cast<const bf16*>(base + 65536 + cw * 16384);
   u32 qf[8][4];
   if constexpr (!QSS) {
@@ -73,37 +73,42 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) chains(int iters, long long
 }  // namespace ft
 """
 
-# (label, NC, producer registers, consumer registers, pipelined, Q from shared memory); 0: no setmaxnreg.
+# (label, NC, producer warpgroups, producer registers, consumer registers, pipelined, Q from shared
+# memory); registers 0: no setmaxnreg.
 # 128 P + 128 NC C must not exceed the registers the launch holds (65536 / threads, rounded down to 8,
 # x threads), or setmaxnreg.inc waits forever: four consumers (640 threads, 96 each) hung at 24 / 120.
-# Four consumers fit only at 112, where the step spills 160 B.
+# With a producer warpgroup, four consumers fit only at 112, where the step with Q in registers spills 160 B.
 CONFIGS = [
-    ("2 consumers (shipped, 168 regs)", 2, 0, 0, False, False),
-    ("2 consumers pipelined (168)", 2, 0, 0, True, False),
-    ("2 consumers, Q in smem", 2, 0, 0, False, True),
-    ("3 consumers, 24 / 160", 3, 24, 160, False, False),
-    ("3 consumers, Q in smem, 56 / 152", 3, 56, 152, False, True),
-    ("3 consumers pipelined, 24 / 160", 3, 24, 160, True, False),
+    ("2 consumers (shipped, 168 regs)", 2, 1, 0, 0, False, False),
+    ("2 consumers pipelined (168)", 2, 1, 0, 0, True, False),
+    ("2 consumers, Q in smem", 2, 1, 0, 0, False, True),
+    ("3 consumers, 24 / 160", 3, 1, 24, 160, False, False),
+    ("3 consumers, Q in smem, 56 / 152", 3, 1, 56, 152, False, True),
+    ("3 consumers pipelined, 24 / 160", 3, 1, 24, 160, True, False),
+    # No producer warpgroup: 512 threads at 128 registers each, Q in shared memory (127 registers,
+    # no spills under NVRTC 12.9). A kernel of this shape issues its TMA copies from a consumer lane.
+    ("4 consumers, no producer, Q in smem", 4, 0, 0, 0, False, True),
+    ("3 consumers, no producer, Q in smem", 3, 0, 0, 0, False, True),
 ]
 
 
 def main(iters: int = 400) -> None:
     include = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels_cu")
     b = lambda x: "true" if x else "false"  # noqa: E731
-    names = [f"ft::chains<{nc}, {p}, {c}, {b(pipe)}, {b(qss)}>" for _, nc, p, c, pipe, qss in CONFIGS]
+    names = [f"ft::chains<{nc}, {npr}, {p}, {c}, {b(pipe)}, {b(qss)}>" for _, nc, npr, p, c, pipe, qss in CONFIGS]
     mod = cp.RawModule(code=SRC, options=("--std=c++17", "--gpu-architecture=sm_90a", f"--include-path={include}"),
                        name_expressions=names)
     sms = cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
     cycles, sink = cp.zeros(sms * 4, cp.int64), cp.zeros(640, cp.float32)
     print(f"{'config':34s} {'regs':>4s} {'spill':>5s} {'cycles/step':>11s} {'per 128 rows':>12s} {'tensor busy':>11s}")
-    for (label, nc, *_), name in zip(CONFIGS, names):
+    for (label, nc, npr, *_), name in zip(CONFIGS, names):
         fn = mod.get_function(name)
         smem = 65536 + nc * 16384 + 1024
         fn.max_dynamic_shared_size_bytes = smem
         runs = []
         for _ in range(3):
             cycles.fill(0)
-            fn((sms,), (128 * (nc + 1),), (np.int32(iters), cycles, sink), shared_mem=smem)
+            fn((sms,), (128 * (nc + npr),), (np.int32(iters), cycles, sink), shared_mem=smem)
             cp.cuda.runtime.deviceSynchronize()
             runs.append(float(np.median(cycles.get().reshape(sms, 4)[:, :nc])) / iters)
         c = float(np.median(runs))
