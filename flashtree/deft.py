@@ -493,10 +493,10 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
             ws_len = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms)
         block_m = _choose_block_m(tokens, group, hkv, num_sms, ws_len) if hopper else BLOCK_M
     if chunk_len is None:
-        if block_m in WS_CONSUMERS:
-            if ws_len is None or block_m != WS_BLOCK_M:
-                ws_len = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms, block_m)
+        if block_m == WS_BLOCK_M and ws_len is not None:
             chunk_len = ws_len
+        elif block_m in WS_CONSUMERS:
+            chunk_len = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms, block_m)
         else:
             chunk_len = choose_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms)
     elif not isinstance(chunk_len, int) or chunk_len < BLOCK_N or chunk_len % BLOCK_N:
