@@ -1105,21 +1105,37 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
     wg_issue_ss<T, D>(dp, v_addr, do_addr);
     wgmma_wait<1>();
 
-    // P^T: element (key 16 w4 + g + 8 r, query 8 jj + 2 c4 + e2) in s[jj][2 r + e2].
+    // P^T: element (key 16 w4 + g + 8 r, query 8 jj + 2 c4 + e2) in s[jj][2 r + e2]. The lane's two
+    // queries 8 jj + 2 c4 + {0, 1} are adjacent: their row values load as pairs.
+    const float2* lse2_pairs = reinterpret_cast<const float2*>(lse2) + c4;
+    if (hdr.y) {
+      // A fully visible tile (the table's test; never the diagonal, so no key past the tile's end):
+      // no per-element predicate. Rows past the sequence have lse2 = +inf, so their P^T is 0. One
+      // branch per item, the same for the whole warpgroup (session 20: dK/dV -6% on the long tree);
+      // a per-element `full || ...` short-circuit had measured 16-21% slower (NOTES, session 9).
 #pragma unroll
-    for (int jj = 0; jj < 8; ++jj) {
-#pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2) {
-        const int qi = 8 * jj + 2 * c4 + e2;
-        const float l2 = lse2[qi];
-        const int sqi = sq[qi];
+      for (int jj = 0; jj < 8; ++jj) {
+        const float2 l2 = lse2_pairs[4 * jj];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int e = 2 * r + e2;
-          // The start_q test runs on every element, full tile or not (a full tile passes it): as
-          // `full || (causal && start_q)` the kernel measured 16-21% slower (NOTES, session 9).
-          const bool ok = (hdr.y || key_c[r] <= hdr.x + qi) && sqi <= ek_key[r];
-          s[jj][e] = ok ? fast_exp2(fmaf(s[jj][e], scale_log2, -l2)) : 0.f;
+          s[jj][2 * r] = fast_exp2(fmaf(s[jj][2 * r], scale_log2, -l2.x));
+          s[jj][2 * r + 1] = fast_exp2(fmaf(s[jj][2 * r + 1], scale_log2, -l2.y));
+        }
+      }
+    } else {
+      // The tree predicate on every element; an invisible one gets exp2(-inf) = 0.
+      const int2* sq_pairs = reinterpret_cast<const int2*>(sq) + c4;
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const float2 l2 = lse2_pairs[4 * jj];
+        const int2 sqi = sq_pairs[4 * jj];
+        const int qi = hdr.x + 8 * jj + 2 * c4;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const bool ok0 = key_c[r] <= qi && sqi.x <= ek_key[r];
+          const bool ok1 = key_c[r] <= qi + 1 && sqi.y <= ek_key[r];
+          s[jj][2 * r] = fast_exp2(ok0 ? fmaf(s[jj][2 * r], scale_log2, -l2.x) : neg_inf());
+          s[jj][2 * r + 1] = fast_exp2(ok1 ? fmaf(s[jj][2 * r + 1], scale_log2, -l2.y) : neg_inf());
         }
       }
     }
@@ -1134,13 +1150,14 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
     wgmma_wait<1>();  // dP^T is in (dV may still run)
 
     // dS^T = P^T (dP^T - delta); dK += dS^T Q.
+    const float2* dlt_pairs = reinterpret_cast<const float2*>(dlt) + c4;
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj) {
+      const float2 d = dlt_pairs[4 * jj];
 #pragma unroll
-      for (int e2 = 0; e2 < 2; ++e2) {
-        const float d = dlt[8 * jj + 2 * c4 + e2];
-        dp[jj][e2] = s[jj][e2] * (dp[jj][e2] - d);
-        dp[jj][2 + e2] = s[jj][2 + e2] * (dp[jj][2 + e2] - d);
+      for (int r = 0; r < 2; ++r) {
+        dp[jj][2 * r] = s[jj][2 * r] * (dp[jj][2 * r] - d.x);
+        dp[jj][2 * r + 1] = s[jj][2 * r + 1] * (dp[jj][2 * r + 1] - d.y);
       }
     }
     u32 da[4][4];
