@@ -1145,7 +1145,7 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
     for (int kk = 0; kk < 4; ++kk) acc_to_a<T>(pa[kk], s, kk);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(dv_acc, pa[kk], Tile::mnmajor_desc(do_addr, kk));
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(dv_acc, pa[kk], Tile::mnmajor_desc_add(do_addr, kk));
     wgmma_commit();
     wgmma_wait<1>();  // dP^T is in (dV may still run)
 
@@ -1165,7 +1165,7 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
     for (int kk = 0; kk < 4; ++kk) acc_to_a<T>(da[kk], dp, kk);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(dk_acc, da[kk], Tile::mnmajor_desc(q_addr, kk));
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(dk_acc, da[kk], Tile::mnmajor_desc_add(q_addr, kk));
     wgmma_commit();
     wgmma_wait<0>();
     mbar_arrive(bar_empty + stage);  // each thread releases its own reads of the row values
@@ -1339,7 +1339,7 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
       for (int kk = 0; kk < 4; ++kk) acc_to_a<T>(da[kk], dp, kk);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(dq_acc, da[kk], Tile::mnmajor_desc(k_addr, kk));
+      for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(dq_acc, da[kk], Tile::mnmajor_desc_add(k_addr, kk));
       wgmma_commit();
       wgmma_wait<0>();
       mbar_arrive(cta.empty + stage);  // each thread releases its own reads

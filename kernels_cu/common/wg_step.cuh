@@ -59,7 +59,7 @@ template <typename T, int D>
 __device__ __forceinline__ void wg_issue_ss(float (&s)[8][4], u32 a, u32 b) {
   using Tile = WgTile<D, 64>;
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, 64>(s, Tile::kmajor_desc(a, kk), Tile::kmajor_desc(b, kk), kk);
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_ss<T, 64>(s, Tile::kmajor_desc_add(a, kk), Tile::kmajor_desc_add(b, kk), kk);
   wgmma_commit();
 }
 

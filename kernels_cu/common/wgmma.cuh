@@ -64,6 +64,22 @@ struct WgTile {
     return static_cast<u64>((addr & 0x3ffff) >> 4) | (static_cast<u64>(lbo >> 4) << 16) |
            (static_cast<u64>(sbo >> 4) << 32) | (1ull << 62);
   }
+  // The same descriptors built as one 32-bit add per step: shared-window addresses lie below 256 KB,
+  // so (base >> 4) + step fits bits 0-13 and carries into nothing, and the high word is a constant.
+  // Fewer instructions per product in the backward kernels (NOTES, session 20: dK/dV -2..3%, dQ
+  // -1..4%); the DeFT mma.sync kernel's wgmma form spills 8 B with them under NVRTC 12.9, so the
+  // forward steps (wg_issue_scores, wg_issue_pv) keep make_desc.
+  __device__ __forceinline__ static u64 kmajor_desc_add(u32 base, int kk) {
+    return desc_add(base, 16, 1024, ((kk / 4) * kBlockBytes + (kk % 4) * 32) >> 4);
+  }
+  __device__ __forceinline__ static u64 mnmajor_desc_add(u32 base, int kk) {
+    return desc_add(base, kBlockBytes, 1024, (kk * 16 * 128) >> 4);
+  }
+  __device__ __forceinline__ static u64 desc_add(u32 base, u32 lbo, u32 sbo, u32 step) {
+    const u32 lo = ((base >> 4) | ((lbo >> 4) << 16)) + step;
+    const u32 hi = (sbo >> 4) | (1u << 30);
+    return (static_cast<u64>(hi) << 32) | lo;
+  }
 };
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
