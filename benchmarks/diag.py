@@ -347,6 +347,28 @@ def deft_blockm():
         print(line, flush=True)
 
 
+BLOCKM_SWEEP = ([dict(kind="prefix", S=s, b=b, u=u) for s in (1024, 4096, 16384) for b in (4, 16, 48) for u in (32, 400)]
+                + [dict(kind="spec", prompt=p, T=t) for p, t in ((1024, 16), (1024, 48), (1024, 96), (1024, 192),
+                                                                (4096, 64), (4096, 128))])
+
+
+def deft_blockm_sweep():
+    """64- against 128-row work items (each with its own model's chunk length) over a grid of trees
+    beyond the suite's rows (BLOCKM_SWEEP): graph-replay medians, for the block_m choice."""
+    from flashtree import deft
+    from flashtree.bench.suites import shared_prefix as sp
+    from flashtree.bench.timing import bench
+    for params in BLOCKM_SWEEP:
+        cache, n, masks = sp.build_cache(params, torch.device("cuda"))
+        line = " ".join(f"{k}={v}" for k, v in params.items() if k != "kind")
+        for block_m in (deft.BLOCK_M, deft.WS_BLOCK_M):
+            plan = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks, block_m=block_m)
+            q = torch.randn(plan.num_queries, sp.H, sp.D, device="cuda", dtype=torch.bfloat16)
+            fn = lambda: deft.deft_attention(q, cache.k_pools[0], cache.v_pools[0], plan)  # noqa: E731
+            line += f"  block_m {block_m:3d} chunk {plan.chunk_len:5d}: {bench(fn, warmup=5, iters=30, graph=True).median_us:6.1f} us"
+        print(line, flush=True)
+
+
 def dfs_fwd():
     """tree_attention forward (graph replay) on the dfs suite's trees: bf16, H = 32, Hkv = 8, D = 128."""
     from flashtree.bench.suites import dfs as suite
@@ -498,7 +520,7 @@ if __name__ == "__main__":
     commands = {"decode": decode, "merge": merge, "variants": variants, "mergevariants": mergevariants,
                 "overhead": overhead, "hostprofile": hostprofile, "deft_host": deft_host, "deft_host_parts": deft_host_parts,
                 "deft_kernels": deft_kernels, "deft_row": deft_row, "deft_chunks": deft_chunks,
-                "deft_blockm": deft_blockm, "dfs_fwd": dfs_fwd, "dfs_bwd": dfs_bwd,
+                "deft_blockm": deft_blockm, "deft_blockm_sweep": deft_blockm_sweep, "dfs_fwd": dfs_fwd, "dfs_bwd": dfs_bwd,
                 "dfs_bwd_timing": dfs_bwd_timing}
     if sys.argv[1] == "dfs_bwd_trace":  # its argument is a folder
         dfs_bwd_trace(*sys.argv[2:])

@@ -33,8 +33,8 @@ Kernels (the plan's ``block_m`` fixes which): on compute capability 9.0 (``use_w
 FLASHTREE_WGMMA=0) stage 1 runs sm_90a kernels on the warpgroup tensor cores:
   - block_m = 64: one warpgroup per CTA, 3 CTAs per SM (the chunk model above keeps 2 CTAs per SM:
     on the H200 this kernel measured best at the same chunk lengths, NOTES.md session 5);
-  - block_m = 128, chosen by ``_choose_block_m`` when wide, fully shared chunks (>= 256 rows: a long
-    prefix under many branches) carry most of the work and fill every SM twice: a warp-specialised
+  - block_m = 128, chosen by ``_choose_block_m`` for trees without tail masks (and for masked ones
+    when wide, fully shared chunks carry most of the work and fill every SM twice): a warp-specialised
     kernel, one CTA per SM, whose two consumer warpgroups share each K/V tile that a producer
     warpgroup streams in; its chunk length comes from ``ws_chunk_len`` (a makespan model);
   - block_m = 192 (only when asked for): the same kernel with three consumer warpgroups.
@@ -312,13 +312,17 @@ WS_MIN_WAVES = 2    # and enough 128-row items to fill every SM twice (it runs o
 def _choose_block_m(tokens: np.ndarray, group: int, num_kv_heads: int, num_sms: int,
                     length: int | None = None) -> int:
     """Rows per work item on Hopper: 128 (the warp-specialised kernel: two warpgroups share each
-    K/V tile) when the tree is dominated by wide, fully shared chunks (a long prefix under many
-    branches), else 64 (three 64-row CTAs per SM, which serve narrow and masked chunks better).
-    Measured on the H200 suite rows (benchmarks/NOTES.md, session 6). ``length``: the kernel's chunk
-    length (``ws_chunk_len``) when the caller already has it."""
+    K/V tile) or 64 (three 64-row CTAs per SM). Trees without tail masks take 128: over the suite's
+    rows and a sweep of 24 more trees (benchmarks/NOTES.md, session 20) it was faster or within 1%
+    on every unmasked tree but the (4096, 32, 256) row (4% slower). With tail masks (speculative
+    trees) its producer builds per-query visibility bits and the same sweep was mixed, so there 128
+    only when wide, fully shared chunks carry most of the work and fill every SM twice (session 6),
+    else 64. ``length``: the kernel's chunk length (``ws_chunk_len``) when the caller already has it."""
     n = len(tokens)
     if n == 0:
         return BLOCK_M
+    if (tokens[:, 3] < 0).all():
+        return WS_BLOCK_M
     if length is None:
         length = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)
     starts = np.arange(0, n, length)

@@ -168,13 +168,23 @@ def _shared_prefix_tokens(s, b, u):
     return np.stack([np.arange(len(q_lo)), q_lo, q_hi, np.full(len(q_lo), -1)], 1)
 
 
+def _with_tail_mask(tokens, n):
+    """The same records with a tail mask over the last n keys (a speculative tree's draft tokens)."""
+    tokens = tokens.copy()
+    tokens[-n:, 3] = np.arange(n)
+    return tokens
+
+
 def test_block_m_choice_on_hopper():
-    # 64 branches x G = 4 share 16384 keys: 256-row chunks carry the work, 2 waves of 128-row items
-    assert deft._choose_block_m(_shared_prefix_tokens(16384, 64, 128), 4, 8, 132) == 128
+    # Without tail masks the 128-row kernel, whatever the shape (NOTES, session 20)
+    for shape in ((16384, 64, 128), (4096, 32, 256), (1024, 64, 16), (1024, 4, 32)):
+        assert deft._choose_block_m(_shared_prefix_tokens(*shape), 4, 8, 132) == 128
     assert deft.ws_chunk_len(*_shared_prefix_tokens(16384, 64, 128).T[1:3], 4, 8, 132) == 1280
-    assert deft._choose_block_m(_shared_prefix_tokens(4096, 32, 256), 4, 8, 132) == 64  # 128 rows: narrow
-    assert deft._choose_block_m(_shared_prefix_tokens(1024, 64, 16), 4, 8, 132) == 64  # too little work
     assert deft._choose_block_m(_shared_prefix_tokens(16384, 64, 128)[:0], 4, 8, 132) == 64
+    # With one: 128 only when 256-row chunks carry the work and the 128-row items fill 2 waves
+    assert deft._choose_block_m(_with_tail_mask(_shared_prefix_tokens(16384, 64, 128), 64), 4, 8, 132) == 128
+    assert deft._choose_block_m(_with_tail_mask(_shared_prefix_tokens(4096, 32, 256), 64), 4, 8, 132) == 64  # 128 rows: narrow
+    assert deft._choose_block_m(_with_tail_mask(_shared_prefix_tokens(1024, 64, 16), 16), 4, 8, 132) == 64  # too little work
 
 
 def shared_prefix_cache(s, b, u, page=16, hkv=2, d=16, dtype=torch.float64, gen=None):
