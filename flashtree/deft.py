@@ -33,8 +33,8 @@ Kernels (the plan's ``block_m`` fixes which): on compute capability 9.0 (``use_w
 FLASHTREE_WGMMA=0) stage 1 runs sm_90a kernels on the warpgroup tensor cores:
   - block_m = 64: one warpgroup per CTA, 3 CTAs per SM (the chunk model above keeps 2 CTAs per SM:
     on the H200 this kernel measured best at the same chunk lengths, NOTES.md session 5);
-  - block_m = 128, chosen by ``_choose_block_m`` for trees without tail masks (and for masked ones
-    when wide, fully shared chunks carry most of the work and fill every SM twice): a warp-specialised
+  - block_m = 128, chosen by ``_choose_block_m`` (most trees without tail masks; masked ones when
+    wide, fully shared chunks carry most of the work and fill every SM twice): a warp-specialised
     kernel, one CTA per SM, whose two consumer warpgroups share each K/V tile that a producer
     warpgroup streams in; its chunk length comes from ``ws_chunk_len`` (a makespan model);
   - block_m = 192 (only when asked for): the same kernel with three consumer warpgroups.
@@ -243,9 +243,15 @@ class DeftPlan:
 def choose_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: int,
                      num_sms: int, ctas_per_sm: int = 2) -> int:
     """The chunk length (tokens, a multiple of 64) minimising the wave model of the module docstring."""
+    return _chunk_model(q_lo, q_hi, group, num_kv_heads, num_sms, ctas_per_sm)[1]
+
+
+def _chunk_model(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: int, num_sms: int,
+                 ctas_per_sm: int = 2) -> tuple[float, int]:
+    """choose_chunk_len's minimum: (cost in keys per CTA slot, chunk length)."""
     n = len(q_lo)
     if n == 0:
-        return BLOCK_N
+        return 0.0, BLOCK_N
     slots = max(1, num_sms * ctas_per_sm)
     best = None
     for mult in CHUNK_MULTIPLES:
@@ -259,7 +265,7 @@ def choose_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_head
             best = (cost, length)
         if length >= n:
             break
-    return best[1]
+    return best
 
 
 WS_CHUNK_MULTIPLES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
@@ -276,9 +282,15 @@ def ws_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: i
     """The chunk length for the Hopper warp-specialised kernel (``block_m`` rows per item): the
     makespan of its work items (in KV tiles, longest first onto the least-loaded SM) plus the
     partial states' traffic, minimised."""
+    return _ws_chunk_model(q_lo, q_hi, group, num_kv_heads, num_sms, block_m)[1]
+
+
+def _ws_chunk_model(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: int, num_sms: int,
+                    block_m: int = WS_BLOCK_M) -> tuple[float, int]:
+    """ws_chunk_len's minimum: (makespan in 128-row tile steps, chunk length)."""
     n = len(q_lo)
     if n == 0:
-        return BLOCK_N
+        return 0.0, BLOCK_N
     best = None
     for mult in WS_CHUNK_MULTIPLES:
         length = mult * BLOCK_N
@@ -301,31 +313,36 @@ def ws_chunk_len(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads: i
             best = (total, length)
         if length >= n:
             break
-    return best[1]
+    return best
 
 
 WS_MIN_ROWS = 256   # a chunk is wide when it shares its keys with 2 or more 128-row tiles
 WS_MIN_SHARE = 0.8  # the warp-specialised kernel: most of the work (tiles x rows) in wide, fully shared chunks
 WS_MIN_WAVES = 2    # and enough 128-row items to fill every SM twice (it runs one CTA per SM)
+# The two chunk models' exchange rate: one 128-row tile step of the makespan model (ws_chunk_len) is
+# worth this many keys of the wave model's CTA slots (choose_chunk_len). In session 20's sweep of 23
+# trees without tail masks on the H200, 128-row items won or tied wherever the portable model's cost
+# was at least 45.6 times the makespan (up to 66); the (4096, 32, 256) row, at 45.3, was 4% slower.
+WS_TILE_KEYS = 45.5
 
 
 def _choose_block_m(tokens: np.ndarray, group: int, num_kv_heads: int, num_sms: int,
-                    length: int | None = None) -> int:
+                    ws_model: tuple[float, int] | None = None) -> int:
     """Rows per work item on Hopper: 128 (the warp-specialised kernel: two warpgroups share each
-    K/V tile) or 64 (three 64-row CTAs per SM). Trees without tail masks take 128: over the suite's
-    rows and a sweep of 24 more trees (benchmarks/NOTES.md, session 20) it was faster or within 1%
-    on every unmasked tree but the (4096, 32, 256) row (4% slower). With tail masks (speculative
-    trees) its producer builds per-query visibility bits and the same sweep was mixed, so there 128
-    only when wide, fully shared chunks carry most of the work and fill every SM twice (session 6),
-    else 64. ``length``: the kernel's chunk length (``ws_chunk_len``) when the caller already has it."""
+    K/V tile) or 64 (three 64-row CTAs per SM). A tree without tail masks takes 128 when the 64-row
+    plan's modelled cost is at least WS_TILE_KEYS times the 128-row plan's makespan. With tail masks
+    (speculative trees) the 128-row producer builds per-query visibility bits and the sweep was
+    mixed, so there 128 only when wide, fully shared chunks carry most of the work and fill every SM
+    twice (session 6), else 64. ``ws_model``: ``_ws_chunk_model``'s result when the caller has it."""
     n = len(tokens)
     if n == 0:
         return BLOCK_M
+    if ws_model is None:
+        ws_model = _ws_chunk_model(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)
     if (tokens[:, 3] < 0).all():
-        return WS_BLOCK_M
-    if length is None:
-        length = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)
-    starts = np.arange(0, n, length)
+        cost = _chunk_model(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)[0]
+        return WS_BLOCK_M if cost >= WS_TILE_KEYS * ws_model[0] else BLOCK_M
+    starts = np.arange(0, n, ws_model[1])
     lo_min, lo_max = np.minimum.reduceat(tokens[:, 1], starts), np.maximum.reduceat(tokens[:, 1], starts)
     hi_min, hi_max = np.minimum.reduceat(tokens[:, 2], starts), np.maximum.reduceat(tokens[:, 2], starts)
     shared = (lo_min == lo_max) & (hi_min == hi_max) & (np.maximum.reduceat(tokens[:, 3], starts) < 0)
@@ -490,15 +507,15 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
     if num_sms is None:
         num_sms = _num_sms(device)
     hopper = use_wgmma(device)
-    # The two-consumer kernel's chunk length serves both the choice and, if it is chosen, the plan.
-    ws_len = None
+    # The two-consumer kernel's chunk model serves both the choice and, if it is chosen, the plan.
+    ws_model = None
     if block_m is None:
         if hopper:
-            ws_len = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms)
-        block_m = _choose_block_m(tokens, group, hkv, num_sms, ws_len) if hopper else BLOCK_M
+            ws_model = _ws_chunk_model(tokens[:, 1], tokens[:, 2], group, hkv, num_sms)
+        block_m = _choose_block_m(tokens, group, hkv, num_sms, ws_model) if hopper else BLOCK_M
     if chunk_len is None:
-        if block_m == WS_BLOCK_M and ws_len is not None:
-            chunk_len = ws_len
+        if block_m == WS_BLOCK_M and ws_model is not None:
+            chunk_len = ws_model[1]
         elif block_m in WS_CONSUMERS:
             chunk_len = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms, block_m)
         else:
