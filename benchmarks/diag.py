@@ -350,15 +350,17 @@ def deft_blockm():
 BLOCKM_SWEEP = ([dict(kind="prefix", S=s, b=b, u=u) for s in (1024, 4096, 16384) for b in (4, 16, 48) for u in (32, 400)]
                 + [dict(kind="spec", prompt=p, T=t) for p, t in ((1024, 16), (1024, 48), (1024, 96), (1024, 192),
                                                                 (4096, 64), (4096, 128))])
+BLOCKM_SWEEP_MASKED = [dict(kind="spec", prompt=p, T=t) for p in (2048, 4096, 8192, 16384) for t in (32, 64, 128, 256)]
 
 
-def deft_blockm_sweep():
+def deft_blockm_sweep(which=0):
     """64- against 128-row work items (each with its own model's chunk length) over a grid of trees
-    beyond the suite's rows (BLOCKM_SWEEP): graph-replay medians, for the block_m choice."""
+    beyond the suite's rows (BLOCKM_SWEEP; which = 1: BLOCKM_SWEEP_MASKED, speculative trees under
+    longer prompts): graph-replay medians, for the block_m choice, and the plan's own choice."""
     from flashtree import deft
     from flashtree.bench.suites import shared_prefix as sp
     from flashtree.bench.timing import bench
-    for params in BLOCKM_SWEEP:
+    for params in (BLOCKM_SWEEP, BLOCKM_SWEEP_MASKED)[which]:
         cache, n, masks = sp.build_cache(params, torch.device("cuda"))
         line = " ".join(f"{k}={v}" for k, v in params.items() if k != "kind")
         for block_m in (deft.BLOCK_M, deft.WS_BLOCK_M):
@@ -366,7 +368,8 @@ def deft_blockm_sweep():
             q = torch.randn(plan.num_queries, sp.H, sp.D, device="cuda", dtype=torch.bfloat16)
             fn = lambda: deft.deft_attention(q, cache.k_pools[0], cache.v_pools[0], plan)  # noqa: E731
             line += f"  block_m {block_m:3d} chunk {plan.chunk_len:5d}: {bench(fn, warmup=5, iters=30, graph=True).median_us:6.1f} us"
-        print(line, flush=True)
+        chosen = deft.deft_plan(cache, sp.H, queries_per_leaf=n, tail_masks=masks).block_m
+        print(f"{line}  plan: {chosen}", flush=True)
 
 
 def dfs_fwd():

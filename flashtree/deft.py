@@ -33,8 +33,8 @@ Kernels (the plan's ``block_m`` fixes which): on compute capability 9.0 (``use_w
 FLASHTREE_WGMMA=0) stage 1 runs sm_90a kernels on the warpgroup tensor cores:
   - block_m = 64: one warpgroup per CTA, 3 CTAs per SM (the chunk model above keeps 2 CTAs per SM:
     on the H200 this kernel measured best at the same chunk lengths, NOTES.md session 5);
-  - block_m = 128, chosen by ``_choose_block_m`` (most trees without tail masks; masked ones when
-    wide, fully shared chunks carry most of the work and fill every SM twice): a warp-specialised
+  - block_m = 128, chosen by ``_choose_block_m`` (which compares the two chunk models: most trees
+    but the narrowest and the smallest): a warp-specialised
     kernel, one CTA per SM, whose two consumer warpgroups share each K/V tile that a producer
     warpgroup streams in; its chunk length comes from ``ws_chunk_len`` (a makespan model);
   - block_m = 192 (only when asked for): the same kernel with three consumer warpgroups.
@@ -316,42 +316,28 @@ def _ws_chunk_model(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads
     return best
 
 
-WS_MIN_ROWS = 256   # a chunk is wide when it shares its keys with 2 or more 128-row tiles
-WS_MIN_SHARE = 0.8  # the warp-specialised kernel: most of the work (tiles x rows) in wide, fully shared chunks
-WS_MIN_WAVES = 2    # and enough 128-row items to fill every SM twice (it runs one CTA per SM)
 # The two chunk models' exchange rate: one 128-row tile step of the makespan model (ws_chunk_len) is
-# worth this many keys of the wave model's CTA slots (choose_chunk_len). In session 20's sweep of 23
-# trees without tail masks on the H200, 128-row items won or tied wherever the portable model's cost
-# was at least 45.6 times the makespan (up to 66); the (4096, 32, 256) row, at 45.3, was 4% slower.
+# worth this many keys of the wave model's CTA slots (choose_chunk_len). Session 20 measured 64- and
+# 128-row items on 49 trees on the H200 (benchmarks/NOTES.md). Without tail masks, 128 rows won or
+# tied wherever the wave model's cost was at least 45.6 times the makespan (up to 66); the
+# (4096, 32, 256) row, at 45.3, was 4% slower with them. The speculative trees (tail masks) all lie
+# above 50: 128 rows won on 19 of 26 (by up to 32%: the prompts of 2048-16384 tokens), tied on 3 and lost
+# on 4, by 7-17% (prompts of 1024 and 4096 with 32-192 draft tokens).
 WS_TILE_KEYS = 45.5
 
 
 def _choose_block_m(tokens: np.ndarray, group: int, num_kv_heads: int, num_sms: int,
                     ws_model: tuple[float, int] | None = None) -> int:
     """Rows per work item on Hopper: 128 (the warp-specialised kernel: two warpgroups share each
-    K/V tile) or 64 (three 64-row CTAs per SM). A tree without tail masks takes 128 when the 64-row
-    plan's modelled cost is at least WS_TILE_KEYS times the 128-row plan's makespan. With tail masks
-    (speculative trees) the 128-row producer builds per-query visibility bits and the sweep was
-    mixed, so there 128 only when wide, fully shared chunks carry most of the work and fill every SM
-    twice (session 6), else 64. ``ws_model``: ``_ws_chunk_model``'s result when the caller has it."""
-    n = len(tokens)
-    if n == 0:
+    K/V tile) when the 64-row plan's modelled cost is at least WS_TILE_KEYS times the 128-row plan's
+    makespan, else 64 (three 64-row CTAs per SM). ``ws_model``: ``_ws_chunk_model``'s result when
+    the caller has it."""
+    if len(tokens) == 0:
         return BLOCK_M
     if ws_model is None:
         ws_model = _ws_chunk_model(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)
-    if (tokens[:, 3] < 0).all():
-        cost = _chunk_model(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)[0]
-        return WS_BLOCK_M if cost >= WS_TILE_KEYS * ws_model[0] else BLOCK_M
-    starts = np.arange(0, n, ws_model[1])
-    lo_min, lo_max = np.minimum.reduceat(tokens[:, 1], starts), np.maximum.reduceat(tokens[:, 1], starts)
-    hi_min, hi_max = np.minimum.reduceat(tokens[:, 2], starts), np.maximum.reduceat(tokens[:, 2], starts)
-    shared = (lo_min == lo_max) & (hi_min == hi_max) & (np.maximum.reduceat(tokens[:, 3], starts) < 0)
-    rows = (hi_max - lo_min) * group
-    work = -(-np.diff(np.append(starts, n)) // BLOCK_N) * rows
-    wide = shared & (rows >= WS_MIN_ROWS)
-    items = int(np.sum(-(-rows // WS_BLOCK_M))) * num_kv_heads
-    share = work[wide].sum() / max(1, work.sum())
-    return WS_BLOCK_M if share >= WS_MIN_SHARE and items >= WS_MIN_WAVES * num_sms else BLOCK_M
+    cost = _chunk_model(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)[0]
+    return WS_BLOCK_M if cost >= WS_TILE_KEYS * ws_model[0] else BLOCK_M
 
 
 def _ranks(counts: np.ndarray) -> np.ndarray:

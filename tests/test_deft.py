@@ -176,17 +176,14 @@ def _with_tail_mask(tokens, n):
 
 
 def test_block_m_choice_on_hopper():
-    # Without tail masks, the two chunk models compared (NOTES, session 20): 128 rows but on the
-    # (4096, 32, 256) row, whose 128-row chunks the 64-row CTAs split evenly
+    # The two chunk models compared (NOTES, session 20): 128 rows but on the (4096, 32, 256) row,
+    # whose 128-row chunks the 64-row CTAs split evenly; tail masks change nothing
     for shape in ((16384, 64, 128), (1024, 64, 16), (1024, 4, 32), (4096, 20, 400)):
         assert deft._choose_block_m(_shared_prefix_tokens(*shape), 4, 8, 132) == 128
+        assert deft._choose_block_m(_with_tail_mask(_shared_prefix_tokens(*shape), 16), 4, 8, 132) == 128
     assert deft._choose_block_m(_shared_prefix_tokens(4096, 32, 256), 4, 8, 132) == 64
     assert deft.ws_chunk_len(*_shared_prefix_tokens(16384, 64, 128).T[1:3], 4, 8, 132) == 1280
     assert deft._choose_block_m(_shared_prefix_tokens(16384, 64, 128)[:0], 4, 8, 132) == 64
-    # With one: 128 only when 256-row chunks carry the work and the 128-row items fill 2 waves
-    assert deft._choose_block_m(_with_tail_mask(_shared_prefix_tokens(16384, 64, 128), 64), 4, 8, 132) == 128
-    assert deft._choose_block_m(_with_tail_mask(_shared_prefix_tokens(4096, 32, 256), 64), 4, 8, 132) == 64  # 128 rows: narrow
-    assert deft._choose_block_m(_with_tail_mask(_shared_prefix_tokens(1024, 64, 16), 16), 4, 8, 132) == 64  # too little work
 
 
 def shared_prefix_cache(s, b, u, page=16, hkv=2, d=16, dtype=torch.float64, gen=None):
