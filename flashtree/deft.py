@@ -33,8 +33,8 @@ Kernels (the plan's ``block_m`` fixes which): on compute capability 9.0 (``use_w
 FLASHTREE_WGMMA=0) stage 1 runs sm_90a kernels on the warpgroup tensor cores:
   - block_m = 64: one warpgroup per CTA, 3 CTAs per SM (the chunk model above keeps 2 CTAs per SM:
     on the H200 this kernel measured best at the same chunk lengths, NOTES.md session 5);
-  - block_m = 128, chosen by ``_choose_block_m`` (which compares the two chunk models: most trees
-    but the narrowest and the smallest): a warp-specialised
+  - block_m = 128, chosen by ``_choose_block_m``, which compares the two chunk models (48 of the
+    49 trees measured in session 20 take it): a warp-specialised
     kernel, one CTA per SM, whose two consumer warpgroups share each K/V tile that a producer
     warpgroup streams in; its chunk length comes from ``ws_chunk_len`` (a makespan model);
   - block_m = 192 (only when asked for): the same kernel with three consumer warpgroups.
