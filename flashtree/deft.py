@@ -321,8 +321,8 @@ def _ws_chunk_model(q_lo: np.ndarray, q_hi: np.ndarray, group: int, num_kv_heads
 # 128-row items on 49 trees on the H200 (benchmarks/NOTES.md). Without tail masks, 128 rows won or
 # tied wherever the wave model's cost was at least 45.6 times the makespan (up to 66); the
 # (4096, 32, 256) row, at 45.3, was 4% slower with them. The speculative trees (tail masks) all lie
-# above 50: 128 rows won on 19 of 26 (by up to 32%: the prompts of 2048-16384 tokens), tied on 3 and lost
-# on 4, by 7-17% (prompts of 1024 and 4096 with 32-192 draft tokens).
+# above 50: 128 rows won on 19 of 26 (by up to 32%, under prompts of 1024-16384 tokens), tied on 3
+# and lost on 4, by 7-17% (prompts of 1024 and 4096 with 32-192 draft tokens).
 WS_TILE_KEYS = 45.5
 
 
