@@ -327,17 +327,18 @@ WS_TILE_KEYS = 45.5
 
 
 def _choose_block_m(tokens: np.ndarray, group: int, num_kv_heads: int, num_sms: int,
-                    ws_model: tuple[float, int] | None = None) -> int:
+                    ws_model: tuple[float, int] | None = None, model: tuple[float, int] | None = None) -> int:
     """Rows per work item on Hopper: 128 (the warp-specialised kernel: two warpgroups share each
     K/V tile) when the 64-row plan's modelled cost is at least WS_TILE_KEYS times the 128-row plan's
-    makespan, else 64 (three 64-row CTAs per SM). ``ws_model``: ``_ws_chunk_model``'s result when
-    the caller has it."""
+    makespan, else 64 (three 64-row CTAs per SM). ``ws_model``, ``model``: ``_ws_chunk_model``'s and
+    ``_chunk_model``'s results when the caller has them."""
     if len(tokens) == 0:
         return BLOCK_M
     if ws_model is None:
         ws_model = _ws_chunk_model(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)
-    cost = _chunk_model(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)[0]
-    return WS_BLOCK_M if cost >= WS_TILE_KEYS * ws_model[0] else BLOCK_M
+    if model is None:
+        model = _chunk_model(tokens[:, 1], tokens[:, 2], group, num_kv_heads, num_sms)
+    return WS_BLOCK_M if model[0] >= WS_TILE_KEYS * ws_model[0] else BLOCK_M
 
 
 def _ranks(counts: np.ndarray) -> np.ndarray:
@@ -493,15 +494,18 @@ def deft_plan(cache: TreeKVCache, num_qo_heads: int, *, queries_per_leaf=1, tail
     if num_sms is None:
         num_sms = _num_sms(device)
     hopper = use_wgmma(device)
-    # The two-consumer kernel's chunk model serves both the choice and, if it is chosen, the plan.
-    ws_model = None
+    # The two chunk models serve both the choice and the chosen kernel's chunk length (each run once).
+    models = {}
     if block_m is None:
         if hopper:
-            ws_model = _ws_chunk_model(tokens[:, 1], tokens[:, 2], group, hkv, num_sms)
-        block_m = _choose_block_m(tokens, group, hkv, num_sms, ws_model) if hopper else BLOCK_M
+            models = {WS_BLOCK_M: _ws_chunk_model(tokens[:, 1], tokens[:, 2], group, hkv, num_sms),
+                      BLOCK_M: _chunk_model(tokens[:, 1], tokens[:, 2], group, hkv, num_sms)}
+            block_m = _choose_block_m(tokens, group, hkv, num_sms, models[WS_BLOCK_M], models[BLOCK_M])
+        else:
+            block_m = BLOCK_M
     if chunk_len is None:
-        if block_m == WS_BLOCK_M and ws_model is not None:
-            chunk_len = ws_model[1]
+        if block_m in models:
+            chunk_len = models[block_m][1]
         elif block_m in WS_CONSUMERS:
             chunk_len = ws_chunk_len(tokens[:, 1], tokens[:, 2], group, hkv, num_sms, block_m)
         else:
