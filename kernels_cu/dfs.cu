@@ -1069,7 +1069,7 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
 
   // Consumers: warpgroup cw takes items cw, cw + 2, ...; warp w4 owns keys key0 + 16 w4 + g (+ 8).
   setmaxnreg_inc<kDkdvConsumerRegs>();
-  const int cw = wg - 1, w4 = warp % 4, g = lane / 4, c4 = lane % 4;
+  const int cw = warp_uniform(wg - 1), w4 = warp % 4, g = lane / 4, c4 = lane % 4;
   // A key past the tile's end (another sequence's, or zeros) gets end_k = INT_MIN: no query sees
   // it (its dK and dV are not stored either).
   int key_c[2], ek_key[2];
@@ -1243,7 +1243,9 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
   }
 
   setmaxnreg_inc<kConsumerRegs>();
-  const int cw = wg - 1, w4 = warp % 4, g = lane / 4, c4 = lane % 4;
+  // cw uniform: Q and dO in shared memory are then addressed on the uniform datapath (SASS, session
+  // 21: a full tile 337 -> 291 instructions per warp). With QDO_REGS it added 18 moves instead.
+  const int cw = QDO_REGS ? wg - 1 : warp_uniform(wg - 1), w4 = warp % 4, g = lane / 4, c4 = lane % 4;
   const u32 q_addr = smem_addr(cta.res + cw * Cfg::kTileElems);
   const u32 do_addr = smem_addr(cta.res + (2 + cw) * Cfg::kTileElems);
   int t = 0;  // the ring's stages, over the items
