@@ -1314,8 +1314,8 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
       float s[8][4], dp[8][4];
       wgmma_fence();
       if constexpr (QDO_REGS) {
-        wg_issue_scores<T, D>(s, qf, k_addr);
-        wg_issue_scores<T, D>(dp, dof, v_addr);
+        wg_issue_scores<T, D, true>(s, qf, k_addr);
+        wg_issue_scores<T, D, true>(dp, dof, v_addr);
       } else {
         wg_issue_ss<T, D>(s, q_addr, k_addr);
         wg_issue_ss<T, D>(dp, do_addr, v_addr);

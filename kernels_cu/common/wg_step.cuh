@@ -45,11 +45,14 @@ __device__ __forceinline__ void mask_invisible(float (&s)[KW / 8][4], const unsi
 }
 
 // Issue S (64 x 64) = Q K^T (Q as register A fragments, K at shared-memory address k) as one group.
-template <typename T, int D>
+// DESC_ADD builds K's descriptors as one add per step (the backward's form: the forward measured
+// 1-2% slower with it, session 20).
+template <typename T, int D, bool DESC_ADD = false>
 __device__ __forceinline__ void wg_issue_scores(float (&s)[8][4], const u32 (&q)[D / 16][4], u32 k) {
   using Tile = WgTile<D, 64>;
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) wgmma_rs<T, 64>(s, q[kk], Tile::kmajor_desc(k, kk), kk);
+  for (int kk = 0; kk < D / 16; ++kk)
+    wgmma_rs<T, 64>(s, q[kk], DESC_ADD ? Tile::kmajor_desc_add(k, kk) : Tile::kmajor_desc(k, kk), kk);
   wgmma_commit();
 }
 
