@@ -14,6 +14,7 @@
   python benchmarks/diag.py deft_chunks I [M]               deft_attention on row I for each chunk length and M
   python benchmarks/diag.py deft_blockm                     every shared-prefix row with M = 64, 128 and 192
   python benchmarks/diag.py dfs_fwd                         tree_attention forward on the dfs suite's trees
+  python benchmarks/diag.py dfs_step [T]                    one eager training step of dfs tree T (profiler: kernels, gaps)
   python benchmarks/diag.py hostprofile                     cProfile of the host path of tiny calls
 """
 import os
@@ -474,6 +475,43 @@ def dfs_bwd_trace(out="."):
         print(f"5 replays: {kernels[-1]['ts'] + kernels[-1]['dur'] - kernels[0]['ts']:.1f} us first kernel start to last end")
 
 
+def dfs_step(tree=0):
+    """One training step of the dfs suite's tree TREE as the suite runs it (eager forward, autograd
+    backward): five warm steps, then three under torch.profiler. Per step, every kernel with its
+    duration and the gap before it, the kernels' sum against the step's span, and the SM clock and
+    power after: where a step's time goes beyond the three big kernels."""
+    import subprocess
+    from flashtree.bench.suites import dfs as suite
+    params = suite.TREES[tree]
+    sq, ek, cu = (x.cuda() for x in suite.packed_arrays(suite.workload_trees(params)))
+    n = sq.shape[0]
+    q = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(n, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    do = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16)
+    step = lambda: torch.autograd.grad(flashtree.tree_attention(q, k, v, cu, sq, ek), (q, k, v), do)  # noqa: E731
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+            torch.cuda.synchronize()
+    print(subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip())
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    per = len(kernels) // 3
+    for s in range(3):
+        ks = kernels[s * per:(s + 1) * per]
+        prev = None
+        for e in ks:
+            gap = "" if prev is None else f"  gap {e.time_range.start - prev:7.1f}"
+            print(f"  {e.name[:56]:56s} {e.time_range.elapsed_us():8.1f} us{gap}")
+            prev = e.time_range.end
+        span = ks[-1].time_range.end - ks[0].time_range.start
+        print(f"step {s}: {len(ks)} kernels, sum {sum(e.time_range.elapsed_us() for e in ks):.1f} us, span {span:.1f} us")
+
+
 def dfs_bwd_timing():
     """The long tree's backward as one CUDA graph, timed three ways: flashtree.bench.timing.bench's
     median, one event pair around 20 back-to-back replays, and one event pair per replay (the 20
@@ -524,7 +562,7 @@ if __name__ == "__main__":
                 "overhead": overhead, "hostprofile": hostprofile, "deft_host": deft_host, "deft_host_parts": deft_host_parts,
                 "deft_kernels": deft_kernels, "deft_row": deft_row, "deft_chunks": deft_chunks,
                 "deft_blockm": deft_blockm, "deft_blockm_sweep": deft_blockm_sweep, "dfs_fwd": dfs_fwd, "dfs_bwd": dfs_bwd,
-                "dfs_bwd_timing": dfs_bwd_timing}
+                "dfs_bwd_timing": dfs_bwd_timing, "dfs_step": dfs_step}
     if sys.argv[1] == "dfs_bwd_trace":  # its argument is a folder
         dfs_bwd_trace(*sys.argv[2:])
     else:
