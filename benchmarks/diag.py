@@ -14,6 +14,7 @@
   python benchmarks/diag.py deft_chunks I [M]               deft_attention on row I for each chunk length and M
   python benchmarks/diag.py deft_blockm                     every shared-prefix row with M = 64, 128 and 192
   python benchmarks/diag.py dfs_fwd                         tree_attention forward on the dfs suite's trees
+  python benchmarks/diag.py dfs_fwd_loop [N]                the long dfs tree's forward, N eager calls in blocks of 20
   python benchmarks/diag.py dfs_step [T]                    one eager training step of dfs tree T (profiler: kernels, gaps)
   python benchmarks/diag.py hostprofile                     cProfile of the host path of tiny calls
 """
@@ -387,6 +388,33 @@ def dfs_fwd():
               flush=True)
 
 
+def dfs_fwd_loop(iters=400):
+    """The long dfs tree's forward, eager, back to back as the suite runs it: one event pair per call,
+    printed as the median of each block of 20 calls with the wall time, to set beside an nvidia-smi
+    log of clocks and power (is the bimodal forward the power cap?)."""
+    import time
+    from flashtree.bench.suites import dfs as suite
+    sq, ek, cu = (x.cuda() for x in suite.packed_arrays(suite.workload_trees(suite.TREES[0])))
+    n = sq.shape[0]
+    q = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(n, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    t0 = time.time()
+    for a, b in ev:
+        a.record()
+        flashtree.tree_attention(q, k, v, cu, sq, ek)
+        b.record()
+    torch.cuda.synchronize()
+    us = [a.elapsed_time(b) * 1e3 for a, b in ev]
+    print(f"started {time.strftime('%H:%M:%S', time.localtime(t0))}.{int(t0 * 1000) % 1000:03d}, "
+          f"{iters} calls in {time.time() - t0:.3f} s")
+    for i in range(0, iters, 20):
+        block = sorted(us[i:i + 20])
+        print(f"  calls {i:4d}-{i + 19:4d}: median {block[len(block) // 2]:7.1f} min {block[0]:7.1f} max {block[-1]:7.1f} us")
+    s_us = sorted(us)
+    print(f"all: min {s_us[0]:.1f} p20 {s_us[iters // 5]:.1f} median {s_us[iters // 2]:.1f} p80 {s_us[4 * iters // 5]:.1f} us")
+
+
 def _dfs_backward_call(params):
     """The backward op alone on a dfs-suite tree (bf16, H = 32, Hkv = 8, D = 128), after one forward:
     a call that returns (dq, dk, dv)."""
@@ -562,7 +590,7 @@ if __name__ == "__main__":
                 "overhead": overhead, "hostprofile": hostprofile, "deft_host": deft_host, "deft_host_parts": deft_host_parts,
                 "deft_kernels": deft_kernels, "deft_row": deft_row, "deft_chunks": deft_chunks,
                 "deft_blockm": deft_blockm, "deft_blockm_sweep": deft_blockm_sweep, "dfs_fwd": dfs_fwd, "dfs_bwd": dfs_bwd,
-                "dfs_bwd_timing": dfs_bwd_timing, "dfs_step": dfs_step}
+                "dfs_bwd_timing": dfs_bwd_timing, "dfs_step": dfs_step, "dfs_fwd_loop": dfs_fwd_loop}
     if sys.argv[1] == "dfs_bwd_trace":  # its argument is a folder
         dfs_bwd_trace(*sys.argv[2:])
     else:
