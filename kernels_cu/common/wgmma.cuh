@@ -68,7 +68,7 @@ struct WgTile {
   // so (base >> 4) + step fits bits 0-13 and carries into nothing, and the high word is a constant.
   // Fewer instructions per product in the backward kernels (NOTES, session 20: dK/dV -2..3%, dQ
   // -1..4%); the DeFT mma.sync kernel's wgmma form spills 8 B with them under NVRTC 12.9, so the
-  // forward steps (wg_issue_scores, wg_issue_pv) keep make_desc.
+  // forward steps keep make_desc (wg_issue_scores takes them only when asked: the register dQ).
   __device__ __forceinline__ static u64 kmajor_desc_add(u32 base, int kk) {
     return desc_add(base, 16, 1024, ((kk / 4) * kBlockBytes + (kk % 4) * 32) >> 4);
   }
@@ -149,15 +149,15 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
-// Register reallocation between the warpgroups of a warp-specialised CTA (sm_90a): every warp of a
-// warpgroup executes the same call; a producer gives registers back (dec) so that the consumers can
-// take more (inc: it waits until the CTA's pool holds them). N is a multiple of 8 in [24, 256].
 // x, the same in every lane of the warp, as a value ptxas knows is warp-uniform (a shuffle from lane
 // 0). What derives from it is then computed on the uniform datapath: a warpgroup index that picks
 // shared tiles or ring stages makes every wgmma descriptor uniform, not built per thread and moved
 // by two R2UR before each wgmma (SASS, session 21: the dK/dV loop 381 -> 334 instructions per tile).
 __device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffffffu, x, 0); }
 
+// Register reallocation between the warpgroups of a warp-specialised CTA (sm_90a): every warp of a
+// warpgroup executes the same call; a producer gives registers back (dec) so that the consumers can
+// take more (inc: it waits until the CTA's pool holds them). N is a multiple of 8 in [24, 256].
 template <int N>
 __device__ __forceinline__ void setmaxnreg_dec() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
