@@ -169,9 +169,8 @@ __device__ __forceinline__ void wg_attention_step_pipelined(RowState<D>& st, Pen
   softmax_exp(s, scale_log2, st.row_max);
   // Row sums on the FP pipe while P V runs: each lane adds its own 16 columns of each row (fp32);
   // wg_attention_flush adds the four lanes of a row. No tensor-core step between the P V wait and
-  // the next tile's products.
-  // Four partial sums per row, each started from its first pair: 0 + x is not folded to x (it
-  // would turn -0 into +0), so zero-started sums cost four FADD with RZ per row (SASS, session 22).
+  // the next tile's products. The four partial sums start from their first pair, not 0.f: ptxas
+  // does not fold 0 + x (it would turn -0 into +0) and emitted an FADD with RZ for each (session 22).
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float a[4];
