@@ -3,8 +3,9 @@
 Per decoding step: ``deft_plan(cache, num_qo_heads)`` runs once on the host and moves one int32
 buffer to the GPU; every layer then calls ``deft_attention(q, k_pool, v_pool, plan)`` with no host
 work beyond argument checks: no synchronisation, and no allocation but the output (none when ``out``
-is given). The fp32 partial states live in the plan's own workspace, allocated on its first call
-on a stream and reused by every layer after it (or in a caller's ``workspace``).
+is given). The partial states (o in q's dtype, lse in fp32) live in the plan's own workspace,
+allocated on its first call on a stream and reused by every layer after it (or in a caller's
+``workspace``).
 
 The plan (the flattened tree split):
   1. Leaves in DFS order own consecutive query rows: leaf i has n_i query tokens, the last n_i
@@ -20,9 +21,9 @@ The plan (the flattened tree split):
   4. Stage 2: query q merges the partials of the chunks that contain it, in chunk order.
 
 Chunk length (``choose_chunk_len``): each CTA costs about (L + L0) key loads, L0 = 128 keys for
-loading Q and storing 64 fp32 partial rows; with W(L) work items and ``slots`` = SMs x 2 CTAs,
+loading Q and storing 64 partial rows; with W(L) work items and ``slots`` = SMs x 2 CTAs,
 the time is ~ceil(W(L) Hkv / slots) (L + L0) plus the partial states' traffic spread over the
-machine, 2 Hkv R(L) / slots for R(L) partial rows (one fp32 row written and read ~ 2 keys); we
+machine, 2 Hkv R(L) / slots for R(L) partial rows (one row written and read ~ 2 keys); we
 take the L (a multiple of 64 from a short list) that minimises it, the longer one on a tie. Worked example, H100 (132 SMs, 264 slots), G = 4,
 Hkv = 8, prefix 16384 + 64 branches of 128 tokens (24576 tokens): L = 768 gives 22 chunks that
 touch the prefix (64 queries, 256 rows, 4 row tiles each) and 10 branch-only chunks (6 branches,
@@ -72,10 +73,11 @@ WS_STAGES = {2: 6, 3: 5}  # its ring of 64-key K/V tiles (DeftWsConfig::kStages)
 BLOCK_N = 64   # keys per KV tile
 WORK_INTS = 8  # a work item's record: (chunk, row tile, the chunk's 4 fields, slot_base, dense slot); deft.cu kWorkInts
 CTA_OVERHEAD_KEYS = 128  # L0 of the chunk-length model (module docstring)
-PARTIAL_ROW_KEYS = 2     # one fp32 partial row written and read back ~ 2 keys' K + V (bf16)
+PARTIAL_ROW_KEYS = 2     # one partial row written and read back, at most ~ 2 keys' K + V (bf16)
 CHUNK_MULTIPLES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)  # L / BLOCK_N candidates
 DEFAULT_SMS = 132  # planning for a CPU plan (an H100) when no device and no num_sms is given
 _MERGE_THREADS = 256
+_PDL = os.environ.get("FLASHTREE_DEFT_PDL", "1") != "0"  # stage 2 as a programmatic dependent launch (A/B switch)
 
 
 def _smem_bytes(head_dim: int, wgmma: bool) -> int:
@@ -170,7 +172,7 @@ class DeftPlan:
     tail_masks: list[np.ndarray | None]       # bool [n_i, n_i] per leaf, None when n_i == 1
     cache: TreeKVCache | None = field(default=None, repr=False)
     version: int = -1
-    # The plan's own fp32 workspace, one per (device, stream) it ran on (deft_attention without
+    # The plan's own workspace, one per (device, stream) it ran on (deft_attention without
     # ``workspace=``): every layer of a step reuses it, stream order keeps the uses apart.
     _workspaces: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -226,7 +228,8 @@ class DeftPlan:
         unique: every visible token once (the floor); deft_dram: the same (each chunk is read from
         DRAM once, its row tiles hit L2); deft_l2: per work item (row tiles re-read the chunk);
         per_branch: every leaf reads its whole path (flash decoding per branch);
-        partials: fp32 partial states written and read back by the two stages.
+        partials: the partial states (o in 16 bits, lse in fp32) written and read back by the two
+            stages.
         """
         per_token = 2 * self.num_kv_heads * self.head_dim * itemsize
         chunks, work = self.host["chunks"], self.host["work"]
@@ -236,7 +239,7 @@ class DeftPlan:
             "deft_dram": int(chunk_tokens.sum()) * per_token,
             "deft_l2": int(chunk_tokens[work[:, 0]].sum()) * per_token if len(work) else 0,
             "per_branch": int(self.leaf_path_lengths[np.diff(self.leaf_query_offsets) > 0].sum()) * per_token,
-            "partials": 2 * self.num_slots * self.num_heads * (self.head_dim + 1) * 4,
+            "partials": 2 * self.num_slots * self.num_heads * (self.head_dim * itemsize + 4),
         }
 
 
@@ -563,27 +566,27 @@ def _num_sms(device: torch.device) -> int:
 
 
 def workspace_shape(plan: DeftPlan) -> tuple[tuple[int, int, int], tuple[int, int]]:
-    """Shapes of the fp32 workspaces: mid_o [num_slots, H, D] and mid_lse [num_slots, H]."""
+    """Shapes of the workspaces: mid_o [num_slots, H, D] (q's dtype) and mid_lse [num_slots, H] (fp32)."""
     return (plan.num_slots, plan.num_heads, plan.head_dim), (plan.num_slots, plan.num_heads)
 
 
 def _plan_workspace(plan: DeftPlan, device: torch.device) -> tuple[int, int]:
-    """(mid_o, mid_lse) pointers in the plan's own workspace for the current stream: one flat fp32
-    buffer, allocated on the plan's first call on that stream and reused by every later one (the
+    """(mid_o, mid_lse) pointers in the plan's own workspace for the current stream: one flat
+    buffer (mid_o in 16 bits, then mid_lse in fp32), allocated on the plan's first call on that stream and reused by every later one (the
     layers of a decoding step run in stream order, so they never overlap). A CUDA-graph capture
     takes a buffer of its own from the graph's pool instead, so no replay shares it with an eager call."""
-    n_o = plan.num_slots * plan.num_heads * plan.head_dim
+    n_o = plan.num_slots * plan.num_heads * plan.head_dim  # 16-bit values: n_o // 2 floats of the buffer
     n_l = plan.num_slots * plan.num_heads
     if torch.cuda.is_current_stream_capturing():
-        buf = torch.empty(n_o + n_l, dtype=torch.float32, device=device)
+        buf = torch.empty(n_o // 2 + n_l, dtype=torch.float32, device=device)
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         key = (index, _jit.current_stream(index))
         buf = plan._workspaces.get(key)
         if buf is None:
-            buf = plan._workspaces[key] = torch.empty(n_o + n_l, dtype=torch.float32, device=device)
+            buf = plan._workspaces[key] = torch.empty(n_o // 2 + n_l, dtype=torch.float32, device=device)
     base = buf.data_ptr()
-    return base, base + 4 * n_o  # mid_o [num_slots, H, D] then mid_lse [num_slots, H]; n_o * 4 % 16 == 0
+    return base, base + 2 * n_o  # mid_o [num_slots, H, D] then mid_lse [num_slots, H]; n_o * 2 % 16 == 0
 
 
 # ------------------------------------------------------------------------------ the op
@@ -660,6 +663,7 @@ def _launch_merge(plan, entry: _Validated, mid_o: int, mid_lse: int, out, lse: i
     entry.merge.launch(
         ((nq * h + rows_per_block - 1) // rows_per_block, 1, 1), (_MERGE_THREADS, 1, 1), _MERGE_PARAMS,
         (mid_o, mid_lse, at["q_indptr"], at["slot_idx"], out.data_ptr(), *out.stride()[:2], lse, nq, h),
+        dependent=_PDL,  # starts during stage 1's last stores; waits for them (deft.cu: pdl_wait)
     )
 
 
@@ -700,10 +704,11 @@ def _check(q, k_pool, v_pool, plan, out, workspace):
         if not isinstance(workspace, (tuple, list)) or len(workspace) != 2:
             raise TypeError(f"workspace: expected a pair (mid_o, mid_lse), got {type(workspace).__name__}")
         shape_o, shape_l = workspace_shape(plan)
-        for name, x, shp in (("workspace[0]", workspace[0], shape_o), ("workspace[1]", workspace[1], shape_l)):
+        for name, x, shp, dt in (("workspace[0]", workspace[0], shape_o, q.dtype),
+                                 ("workspace[1]", workspace[1], shape_l, torch.float32)):
             _checks.is_tensor(name, x)
             _checks.shape(name, x, shp, "(workspace_shape(plan))")
-            _checks.fp32_workspace(name, x, q.device)
+            _checks.fp32_workspace(name, x, q.device, dt)
 
 
 
@@ -719,7 +724,7 @@ def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None
         plan: from ``deft_plan`` for the cache's current tree (checked: a stale plan raises).
         sm_scale: default 1 / sqrt(D).
         out: optional [Q, H, D] in q's dtype, written in place.
-        workspace: optional (mid_o, mid_lse) fp32 of ``workspace_shape(plan)``; by default the
+        workspace: optional (mid_o in q's dtype, mid_lse fp32) of ``workspace_shape(plan)``; by default the
             plan's own (one per stream, kept as long as the plan). With ``out`` given nothing is
             allocated but the lse when ``return_lse``.
         return_lse: also return lse [Q, H] fp32 (natural log).
@@ -732,8 +737,8 @@ def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None
     if entry is not None:  # seen and checked: freshness and alignment
         plan.check_fresh()
         if workspace is not None:
-            for name, x in (("workspace[0]", workspace[0]), ("workspace[1]", workspace[1])):
-                _checks.fp32_workspace(name, x, q.device)
+            for name, x, dt in (("workspace[0]", workspace[0], q.dtype), ("workspace[1]", workspace[1], torch.float32)):
+                _checks.fp32_workspace(name, x, q.device, dt)
         return _run(q, k_pool, v_pool, q, plan, entry, out, workspace, return_lse)
     q_t, k_t, v_t = (_interop.as_tensor(n, x) for n, x in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)))
     _check(q_t, k_t, v_t, plan, out, workspace)

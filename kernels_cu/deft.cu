@@ -12,7 +12,7 @@
 //   rows m = t * 64 + r of the chunk, query q = q0 + m / G, head h = hk * G + m % G;
 //   key j of the chunk is visible to q iff q_lo[j] <= q < q_hi[j]
 //                                      and (mask_col[j] < 0 or mask[qmask_off[q] + mask_col[j]] != 0);
-//   writes the partial state of (c, q, h): mid_o[slot_base[c] + q - q0, h, :] (fp32, normalised
+//   writes the partial state of (c, q, h): mid_o[slot_base[c] + q - q0, h, :] (in T, normalised
 //   over the visible keys) and mid_lse[...] (natural log; -inf and o = 0 when nothing is visible).
 //   grid = num_work * Hkv (block = item * Hkv + hk: the plan orders items longest first), 128
 //   threads = 4 warps. A tile with R rows uses warps_m = 1, 2 or 4 warps across rows (16 rows
@@ -52,7 +52,7 @@
 //                     seen by every query of the chunk, else -1)
 //   slot_base int [C]     qmask_off int [Q]   mask int [*]
 //   q_indptr  int    [Q + 1]      slot_idx int [num_slots]
-// Outputs: mid_o fp32 [num_slots, H, D], mid_lse fp32 [num_slots, H] (contiguous);
+// Outputs: mid_o T [num_slots, H, D], mid_lse fp32 [num_slots, H] (contiguous);
 //   out T [Q, H, D] strides (o_sq, o_sh); lse_out fp32 [Q, H] contiguous, or null (not stored).
 // Numerics: exp2 softmax on scores scaled by scale_log2 = sm_scale * log2(e) > 0, fp32 accumulation,
 //   P rounded to T for the P V product (as decode.cu); keys past tok_end and invisible keys are
@@ -159,11 +159,14 @@ __device__ __forceinline__ void deft_merge_rows(RowState<D>& st, const float* ot
 }
 
 // Normalise and store the partial states of the lane's rows m = m_g and m_g + 8 of chunk c (rows
-// at or past `rows` are not stored): mid_o[slot_base + m / group, hk * group + m % group, :].
-template <int D>
+// at or past `rows` are not stored): mid_o[slot_base + m / group, hk * group + m % group, :] in T
+// (a partial o is a convex combination of V rows, so T's range holds it; half the bytes of fp32
+// between the two stages), the lse in fp32.
+template <typename T, int D>
 __device__ __forceinline__ void deft_store_rows(const RowState<D>& st, int m_g, int rows, int group, int hk,
-                                                int slot_base, int num_heads, float* __restrict__ mid_o,
+                                                int slot_base, int num_heads, T* __restrict__ mid_o,
                                                 float* __restrict__ mid_lse, int lane) {
+  pdl_launch_dependents();  // the CTA's products are done: stage 2 may launch and load its indices
   const int c4 = lane % 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -173,11 +176,10 @@ __device__ __forceinline__ void deft_store_rows(const RowState<D>& st, int m_g, 
     const int h = hk * group + m % group;
     const i64 state = static_cast<i64>(slot_base + m / group) * num_heads + h;
     const float inv = total > 0.f ? 1.f / total : 0.f;
-    float* dst = mid_o + state * D;
+    T* dst = mid_o + state * D;
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      *reinterpret_cast<float2*>(dst + 8 * i + 2 * c4) = make_float2(st.o_acc[i][2 * r] * inv, st.o_acc[i][2 * r + 1] * inv);
-    }
+    for (int i = 0; i < D / 8; ++i)
+      *reinterpret_cast<u32*>(dst + 8 * i + 2 * c4) = pack2<T>(st.o_acc[i][2 * r] * inv, st.o_acc[i][2 * r + 1] * inv);
     if (c4 == 0) mid_lse[state] = lse_from_base2(st.row_max[r], total);
   }
 }
@@ -190,7 +192,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
                     const DeftToken* __restrict__ tokens, const DeftChunk* __restrict__ chunks,
                     const int* __restrict__ work, const int* __restrict__ slot_base,
                     const int* __restrict__ qmask_off, const int* __restrict__ mask,
-                    float* __restrict__ mid_o, float* __restrict__ mid_lse,
+                    T* __restrict__ mid_o, float* __restrict__ mid_lse,
                     int num_heads, int group, float scale_log2) {
   using Cfg = DeftConfig<D>;
   // wgmma reads its own swizzled layout, from 1024-byte-aligned tiles (the host adds 1 KB); the
@@ -369,7 +371,7 @@ deft_partial_kernel(const T* __restrict__ q, i64 q_sq, i64 q_sh,
 
   // Step 6: normalise and store the partial state of each owned row.
   if (!warp_active) return;
-  deft_store_rows(st, m0 + warp_row0 + g, rows, group, hk, slot_base[c], num_heads, mid_o, mid_lse, lane);
+  deft_store_rows<T, D>(st, m0 + warp_row0 + g, rows, group, hk, slot_base[c], num_heads, mid_o, mid_lse, lane);
 }
 
 // Stage 1 on Hopper for wide shared chunks, warp-specialised (sm_90a): one CTA per SM, NC + 1
@@ -467,7 +469,7 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
                        const DeftToken* __restrict__ tokens, const DeftChunk* __restrict__ chunks,
                        const int* __restrict__ work, const int* __restrict__ slot_base,
                        const int* __restrict__ qmask_off, const int* __restrict__ mask,
-                       float* __restrict__ mid_o, float* __restrict__ mid_lse,
+                       T* __restrict__ mid_o, float* __restrict__ mid_lse,
                        int num_heads, int group, float scale_log2) {
   using Cfg = DeftWsConfig<D, NC>;
   using Tile = WgTile<D, 64>;
@@ -695,7 +697,7 @@ deft_partial_ws_kernel(const __grid_constant__ TmaDesc tma_k, const __grid_const
       if (cw > 0) return;
     }
   }
-  deft_store_rows(st, m_lane, w.rows, group, w.hk, w.slot_base, num_heads, mid_o, mid_lse, lane);
+  deft_store_rows<T, D>(st, m_lane, w.rows, group, w.hk, w.slot_base, num_heads, mid_o, mid_lse, lane);
 }
 
 template <typename T, int D>
@@ -707,7 +709,7 @@ struct DeftMergeConfig {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(256, 1)  // (256) alone made ptxas cap itself at 40 registers and spill
-deft_merge_kernel(const float* __restrict__ mid_o, const float* __restrict__ mid_lse,
+deft_merge_kernel(const T* __restrict__ mid_o, const float* __restrict__ mid_lse,
                   const int* __restrict__ q_indptr, const int* __restrict__ slot_idx,
                   T* __restrict__ out, i64 o_sq, i64 o_sh, float* __restrict__ lse_out,
                   int num_queries, int num_heads) {
@@ -727,7 +729,9 @@ deft_merge_kernel(const float* __restrict__ mid_o, const float* __restrict__ mid
   // flight at a time. The arithmetic is the same fixed sequence on every run: bitwise deterministic.
   constexpr int kUnroll = 16;  // 8: the short row's merge 0.1-0.3 us slower; 32: the long row's 10.8 us vs 6.5 (NOTES, session 14)
   float max2 = neg_inf(), sum = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
-  const int begin = q_indptr[qi], end = q_indptr[qi + 1];
+  const int begin = q_indptr[qi], end = q_indptr[qi + 1];  // the plan's: not written by stage 1
+  pdl_wait_after(begin, end);  // launched as stage 1's dependent: its partials are complete and visible from here
+
   for (int g0 = begin; g0 < end; g0 += Cfg::kLanes) {
     const int n = min(Cfg::kLanes, end - g0);
     int my_slot = 0;
@@ -748,7 +752,7 @@ deft_merge_kernel(const float* __restrict__ mid_o, const float* __restrict__ mid
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[i] *= rescale;
     for (int j0 = 0; j0 < n; j0 += kUnroll) {
-      float4 v[kUnroll];
+      uint2 v[kUnroll];  // 4 values of T each, converted only after every load is issued
       float w[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {  // the loads first: kUnroll rows of o in flight
@@ -756,16 +760,17 @@ deft_merge_kernel(const float* __restrict__ mid_o, const float* __restrict__ mid
         const int slot = __shfl_sync(row_mask, my_slot, j, Cfg::kLanes);
         const float l2 = __shfl_sync(row_mask, my_l2, j, Cfg::kLanes);
         w[u] = j0 + u < n && l2 != neg_inf() ? fast_exp2(l2 - max2) : 0.f;
-        v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (w[u] != 0.f) v[u] = *reinterpret_cast<const float4*>(mid_o + (static_cast<i64>(slot) * num_heads + h) * D + 4 * lane);
+        v[u] = make_uint2(0u, 0u);
+        if (w[u] != 0.f) v[u] = *reinterpret_cast<const uint2*>(mid_o + (static_cast<i64>(slot) * num_heads + h) * D + 4 * lane);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
+        const float2 lo = unpack2<T>(v[u].x), hi = unpack2<T>(v[u].y);
         sum += w[u];
-        acc[0] += w[u] * v[u].x;
-        acc[1] += w[u] * v[u].y;
-        acc[2] += w[u] * v[u].z;
-        acc[3] += w[u] * v[u].w;
+        acc[0] += w[u] * lo.x;
+        acc[1] += w[u] * lo.y;
+        acc[2] += w[u] * hi.x;
+        acc[3] += w[u] * hi.y;
       }
     }
   }

@@ -307,7 +307,8 @@ def torch_baseline(q, c, plan, scale):
 def check_gpu(c, plan, q, what, **kw):
     scale = 1 / math.sqrt(q.shape[-1])
     out = torch.full_like(q, float("nan"))
-    ws = tuple(torch.full(s, float("nan"), device="cuda") for s in deft.workspace_shape(plan))
+    ws = tuple(torch.full(s, float("nan"), device="cuda", dtype=dt)
+               for s, dt in zip(deft.workspace_shape(plan), (q.dtype, torch.float32)))
     flashtree.deft_attention(q, c.k_pools[0], c.v_pools[0], plan, out=out, workspace=ws, **kw)
     ref = reference_of(q.double(), c, plan)[0]
     assert_close_rule(out, ref, torch_baseline(q, c, plan, scale), q.dtype, what)
@@ -385,7 +386,7 @@ def test_cuda_graph_capture(gen):
     plan = deft.deft_plan(c, 32)
     q = torch.randn(plan.num_queries, 32, 128, generator=gen).to("cuda", torch.bfloat16)
     out = torch.empty_like(q)
-    ws = tuple(torch.empty(s, device="cuda") for s in deft.workspace_shape(plan))
+    ws = tuple(torch.empty(s, device="cuda", dtype=dt) for s, dt in zip(deft.workspace_shape(plan), (q.dtype, torch.float32)))
     call = lambda: flashtree.deft_attention(q, c.k_pools[0], c.v_pools[0], plan, out=out, workspace=ws)  # noqa: E731
     call()
     graph = torch.cuda.CUDAGraph()
@@ -472,12 +473,15 @@ def test_repeated_call_still_checks_freshness_and_workspace_alignment(gen):
     again = deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)
     assert torch.equal(first, again)
     shape_o, shape_l = deft.workspace_shape(plan)
-    flat = torch.empty(torch.Size(shape_o).numel() + 1, device="cuda")
+    flat = torch.empty(torch.Size(shape_o).numel() + 1, device="cuda", dtype=q.dtype)
     good = (flat[:-1].view(shape_o), torch.empty(shape_l, device="cuda"))
     deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan, workspace=good)
-    bad = (flat[1:].view(shape_o), good[1])  # same shape and strides, data 4 bytes off
+    bad = (flat[1:].view(shape_o), good[1])  # same shape and strides, data 2 bytes off
     with pytest.raises(ValueError, match="workspace\\[0\\]: expected a 16-byte aligned data pointer"):
         deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan, workspace=bad)
+    fp32_o = (torch.empty(shape_o, device="cuda"), good[1])  # the partial o is in q's dtype
+    with pytest.raises(TypeError, match="workspace\\[0\\]: expected dtype torch.float16, got torch.float32"):
+        deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan, workspace=fp32_o)
     c.append(leaves[0], None, *kv(1))
     with pytest.raises(ValueError, match="plan: expected a plan of the cache's current state"):
         deft.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)

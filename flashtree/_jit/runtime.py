@@ -142,21 +142,76 @@ class LoadedKernel:
             packer = _packers.setdefault(types, _packer(types))
         self.launch(grid, block, packer, args, smem=smem)
 
-    def launch(self, grid, block, layout: struct.Struct, args, *, smem: int = 0) -> None:
+    def launch(self, grid, block, layout: struct.Struct, args, *, smem: int = 0, dependent: bool = False) -> None:
         """Launch with plain Python ints and floats packed by ``layout`` (see ``param_layout``):
-        the hot-path form, with no numpy scalar per argument."""
+        the hot-path form, with no numpy scalar per argument.
+
+        ``dependent``: a programmatic dependent launch (compute capability >= 9.0, else a plain one).
+        The kernel may start before the previous kernel on the stream has finished, once every CTA
+        of that kernel has executed ``griddepcontrol.launch_dependents`` or exited; it must execute
+        ``griddepcontrol.wait`` before it reads anything that kernel writes (kernels_cu: ``pdl_wait``)."""
         if smem > self._max_dynamic_smem:
             self._allow_dynamic_smem(smem)
         buffer, extra = _param_buffer(layout)
         layout.pack_into(buffer, 0, *args)  # the driver copies the parameters during the launch call
+        launch = self._launch_dependent if dependent and self._pdl else self._launch
         if _current_device() != self.device_index:
             with torch.cuda.device(self.device_index):  # the module lives in that device's context
-                self._launch(grid, block, smem, extra)
+                launch(grid, block, smem, extra)
         else:
-            self._launch(grid, block, smem, extra)
+            launch(grid, block, smem, extra)
 
     def _launch(self, grid, block, smem, extra: int) -> None:
         _driver().launchKernel(self._function.ptr, *grid, *block, smem, current_stream(self.device_index), 0, extra)
+
+    @functools.cached_property
+    def _pdl(self) -> bool:
+        return device_properties(self.device_index).major >= 9
+
+    def _launch_dependent(self, grid, block, smem, extra: int) -> None:
+        config = _pdl_config()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid
+        config.blockDimX, config.blockDimY, config.blockDimZ = block
+        config.sharedMemBytes, config.hStream = smem, current_stream(self.device_index)
+        err = _launch_kernel_ex()(ctypes.byref(config), ctypes.c_void_p(self._function.ptr), None,
+                                  ctypes.c_void_p(extra))
+        if err != 0:
+            raise RuntimeError(f"cuLaunchKernelEx failed (CUresult {err}) for {self.kernel.lowered_name}")
+
+
+# cuLaunchKernelEx through ctypes (as tma.py's cuTensorMapEncodeTiled): one CUlaunchConfig per thread
+# with the programmatic-stream-serialization attribute, its grid, block, shared memory and stream
+# set per launch.
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
+
+
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+def _pdl_config() -> _LaunchConfig:
+    config = getattr(_tls, "pdl_config", None)
+    if config is None:
+        attr = _LaunchAttribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, b"",
+                                struct.pack("<i", 1).ljust(64, b"\0"))  # programmaticStreamSerializationAllowed
+        config = _tls.pdl_config = _LaunchConfig(attrs=ctypes.pointer(attr), numAttrs=1)
+        config._attr = attr  # kept alive with the config
+    return config
+
+
+@functools.cache
+def _launch_kernel_ex():
+    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return fn
 
 
 _tls = threading.local()  # one parameter buffer per layout and thread: packing never races a launch

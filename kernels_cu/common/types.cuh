@@ -108,6 +108,28 @@ __device__ __forceinline__ void store_vec(T* p, const float (&f)[N]) {
   }
 }
 
+// Programmatic dependent launch (compute capability >= 9.0; no-ops below): a kernel launched with
+// `dependent=True` (flashtree/_jit/runtime.py) may start once every CTA of the kernel before it on
+// the stream has called pdl_launch_dependents (its first call per CTA counts) or exited, and must
+// call pdl_wait before it reads anything that kernel writes.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// pdl_wait once a and b are loaded: the compiler may not sink those loads (of data the previous
+// kernel does not write) below the wait.
+__device__ __forceinline__ void pdl_wait_after(int a, int b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" :: "r"(a), "r"(b) : "memory");
+#endif
+}
+
 // Streaming load: the data is read once, keep it out of L1.
 __device__ __forceinline__ Vec16 load_vec_stream(const void* p) {
   Vec16 v;
