@@ -785,7 +785,8 @@ def _run(q_t, k_t, v_t, q, plan, entry: _Validated, out, workspace, return_lse):
     run = plan.num_work > 0 and q_t.shape[0] > 0
     if run:
         _launch_partial(q_t, k_t, v_t, plan, entry, mid_o, mid_lse)
-    result = out if out is not None else torch.empty(q_t.shape, dtype=q_t.dtype, device=q_t.device)
+    # empty_like: ~4 us less host time than torch.empty with dtype= and device= (H100 host, session 23)
+    result = out if out is not None else torch.empty_like(q_t, memory_format=torch.contiguous_format)
     # stage 2 stores 4 elements (8 bytes) per thread: rows must be 8-byte aligned
     direct = result.data_ptr() % 8 == 0 and result.stride(0) % 4 == 0 and result.stride(1) % 4 == 0
     target = result if direct else torch.empty(q_t.shape, dtype=q_t.dtype, device=q_t.device)

@@ -587,3 +587,29 @@ def test_without_cupy_cuda_ops_say_how_to_install_and_cpu_works(tmp_path):
     assert "CPU tensors work without it" in lines[1]
     assert lines[2].startswith("load_or_compile: ImportError:") and hint in lines[2]
     assert not (tmp_path / "cache").exists()
+
+
+def test_pdl_launch_config_matches_cuda_h_layout():
+    """The programmatic-dependent launch packs CUlaunchConfig by hand (one struct call per launch):
+    its offsets must be those of cuda.h's struct, mirrored here with ctypes' C layout rules."""
+    import ctypes
+
+    class LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, pad[4], a 64-byte union
+        _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+    class LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+        _fields_ = [(n, ctypes.c_uint) for n in ("gx", "gy", "gz", "bx", "by", "bz", "smem")] + [
+            ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+    assert runtime._LAUNCH_CONFIG.size == ctypes.sizeof(LaunchConfig) == 56
+    assert ctypes.sizeof(LaunchAttribute) == 72
+    buffer, address = runtime._pdl_config()
+    assert address == ctypes.addressof(buffer) and len(buffer) >= 56 + 72
+    runtime._LAUNCH_CONFIG.pack_into(buffer, 0, 3, 5, 7, 128, 2, 1, 4096, 0xABC0, address + 56, 1)
+    config = LaunchConfig.from_buffer(buffer)
+    assert (config.gx, config.gy, config.gz, config.bx, config.by, config.bz, config.smem) == (3, 5, 7, 128, 2, 1, 4096)
+    assert config.stream == 0xABC0 and config.num_attrs == 1
+    attr = config.attrs[0]
+    assert ctypes.addressof(attr) == address + 56
+    assert attr.id == runtime._CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    assert int.from_bytes(attr.value[:4], "little") == 1  # programmaticStreamSerializationAllowed

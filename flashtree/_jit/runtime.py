@@ -169,48 +169,37 @@ class LoadedKernel:
         return device_properties(self.device_index).major >= 9
 
     def _launch_dependent(self, grid, block, smem, extra: int) -> None:
-        config = _pdl_config()
-        config.gridDimX, config.gridDimY, config.gridDimZ = grid
-        config.blockDimX, config.blockDimY, config.blockDimZ = block
-        config.sharedMemBytes, config.hStream = smem, current_stream(self.device_index)
-        err = _launch_kernel_ex()(ctypes.byref(config), ctypes.c_void_p(self._function.ptr), None,
-                                  ctypes.c_void_p(extra))
+        config, address = _pdl_config()
+        _LAUNCH_CONFIG.pack_into(config, 0, *grid, *block, smem, current_stream(self.device_index),
+                                 address + _LAUNCH_CONFIG.size, 1)
+        err = _launch_kernel_ex()(address, self._function.ptr, None, extra)
         if err != 0:
             raise RuntimeError(f"cuLaunchKernelEx failed (CUresult {err}) for {self.kernel.lowered_name}")
 
 
-# cuLaunchKernelEx through ctypes (as tma.py's cuTensorMapEncodeTiled): one CUlaunchConfig per thread
-# with the programmatic-stream-serialization attribute, its grid, block, shared memory and stream
-# set per launch.
+# cuLaunchKernelEx through ctypes (as tma.py's cuTensorMapEncodeTiled), with one attribute:
+# programmatic stream serialization. Per thread, one buffer holds the CUlaunchConfig (grid, block,
+# shared memory, stream, the attribute array's address, its length), packed per launch by one
+# struct call, then the CUlaunchAttribute (id, 4 bytes of padding, a 64-byte value).
+_LAUNCH_CONFIG = struct.Struct("<7I4xQQI4x")  # 56 bytes
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6
 
 
-class _LaunchAttribute(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
-
-
-class _LaunchConfig(ctypes.Structure):
-    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
-                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
-                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
-                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
-
-
-def _pdl_config() -> _LaunchConfig:
-    config = getattr(_tls, "pdl_config", None)
-    if config is None:
-        attr = _LaunchAttribute(_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, b"",
-                                struct.pack("<i", 1).ljust(64, b"\0"))  # programmaticStreamSerializationAllowed
-        config = _tls.pdl_config = _LaunchConfig(attrs=ctypes.pointer(attr), numAttrs=1)
-        config._attr = attr  # kept alive with the config
-    return config
+def _pdl_config() -> tuple[ctypes.Array, int]:
+    entry = getattr(_tls, "pdl_config", None)
+    if entry is None:
+        buffer = ctypes.create_string_buffer(_LAUNCH_CONFIG.size + 72)
+        struct.pack_into("<i4xi", buffer, _LAUNCH_CONFIG.size,  # the value: programmaticStreamSerializationAllowed = 1
+                         _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, 1)
+        entry = _tls.pdl_config = (buffer, ctypes.addressof(buffer))
+    return entry
 
 
 @functools.cache
 def _launch_kernel_ex():
     fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]  # ints pass as they are
     return fn
 
 
