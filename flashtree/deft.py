@@ -5,7 +5,9 @@ buffer to the GPU; every layer then calls ``deft_attention(q, k_pool, v_pool, pl
 work beyond argument checks: no synchronisation, and no allocation but the output (none when ``out``
 is given). The partial states (o in q's dtype, lse in fp32) live in the plan's own workspace,
 allocated on its first call on a stream and reused by every layer after it (or in a caller's
-``workspace``).
+``workspace``). On compute capability 9.0 stage 2 is a programmatic dependent launch: its CTAs
+start while stage 1 stores its partials and wait for them in the kernel (``FLASHTREE_DEFT_PDL=0``
+launches it plainly).
 
 The plan (the flattened tree split):
   1. Leaves in DFS order own consecutive query rows: leaf i has n_i query tokens, the last n_i
