@@ -729,8 +729,10 @@ deft_merge_kernel(const T* __restrict__ mid_o, const float* __restrict__ mid_lse
   // flight at a time. The arithmetic is the same fixed sequence on every run: bitwise deterministic.
   constexpr int kUnroll = 16;  // 8: the short row's merge 0.1-0.3 us slower; 32: the long row's 10.8 us vs 6.5 (NOTES, session 14)
   float max2 = neg_inf(), sum = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
-  const int begin = q_indptr[qi], end = q_indptr[qi + 1];  // the plan's: not written by stage 1
-  pdl_wait_after(begin, end);  // launched as stage 1's dependent: its partials are complete and visible from here
+  const int begin = q_indptr[qi], end = q_indptr[qi + 1];
+  // Launched as stage 1's dependent: its partials are complete and visible after pdl_wait. (ptxas
+  // places the wait above the index loads too, SASS session 23: the overlap is the launch's.)
+  pdl_wait();
 
   for (int g0 = begin; g0 < end; g0 += Cfg::kLanes) {
     const int n = min(Cfg::kLanes, end - g0);

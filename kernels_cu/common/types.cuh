@@ -122,13 +122,6 @@ __device__ __forceinline__ void pdl_wait() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
-// pdl_wait once a and b are loaded: the compiler may not sink those loads (of data the previous
-// kernel does not write) below the wait.
-__device__ __forceinline__ void pdl_wait_after(int a, int b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" :: "r"(a), "r"(b) : "memory");
-#endif
-}
 
 // Streaming load: the data is read once, keep it out of L1.
 __device__ __forceinline__ Vec16 load_vec_stream(const void* p) {
