@@ -87,11 +87,11 @@ def writable_output(name: str, x: torch.Tensor, expected_shape, dtype: torch.dty
     last_dim_contiguous(name, x)
 
 
-def fp32_workspace(name: str, x: torch.Tensor, device, dtype: torch.dtype = torch.float32) -> None:
-    """A caller-provided workspace (fp32 unless ``dtype`` says otherwise): on ``device``, contiguous,
-    16-byte aligned (vector access)."""
+def workspace_buffer(name: str, x: torch.Tensor, device, dtype: torch.dtype = torch.float32) -> None:
+    """A caller-provided workspace buffer of ``dtype`` (fp32 unless said otherwise): on ``device``,
+    contiguous, 16-byte aligned (vector access)."""
     if x.dtype != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype}, got {x.dtype}")
+        raise TypeError(f"{name}: expected dtype {_dtype_name(dtype)}, got {_dtype_name(x.dtype)}")
     if x.device != device:
         raise ValueError(f"{name}: expected device {device}, got {x.device}")
     if not x.is_contiguous():

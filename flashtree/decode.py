@@ -350,7 +350,7 @@ def _check_workspace(q, mid_output, mid_output_lse):
     _checks.shape("mid_output", mid_output, (bsz, h, t, None, d), "[B, H, T, S_max, D]")
     _checks.shape("mid_output_lse", mid_output_lse, (bsz, h, t, mid_output.shape[3]), "[B, H, T, S_max]")
     for name, x in (("mid_output", mid_output), ("mid_output_lse", mid_output_lse)):
-        _checks.fp32_workspace(name, x, q.device)
+        _checks.workspace_buffer(name, x, q.device)
     if mid_output.shape[3] < 1:
         raise ValueError(f"mid_output: expected shape[3] (S_max, the most splits) >= 1, got {mid_output.shape[3]}")
     return mid_output.shape[3]

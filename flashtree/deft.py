@@ -574,8 +574,9 @@ def workspace_shape(plan: DeftPlan) -> tuple[tuple[int, int, int], tuple[int, in
 
 def _plan_workspace(plan: DeftPlan, device: torch.device) -> tuple[int, int]:
     """(mid_o, mid_lse) pointers in the plan's own workspace for the current stream: one flat
-    buffer (mid_o in 16 bits, then mid_lse in fp32), allocated on the plan's first call on that stream and reused by every later one (the
-    layers of a decoding step run in stream order, so they never overlap). A CUDA-graph capture
+    buffer (mid_o in 16 bits, then mid_lse in fp32), allocated on the plan's first call on that
+    stream and reused by every later one (the layers of a decoding step run in stream order, so
+    they never overlap). A CUDA-graph capture
     takes a buffer of its own from the graph's pool instead, so no replay shares it with an eager call."""
     n_o = plan.num_slots * plan.num_heads * plan.head_dim  # 16-bit values: n_o // 2 floats of the buffer
     n_l = plan.num_slots * plan.num_heads
@@ -705,13 +706,17 @@ def _check(q, k_pool, v_pool, plan, out, workspace):
     if workspace is not None:
         if not isinstance(workspace, (tuple, list)) or len(workspace) != 2:
             raise TypeError(f"workspace: expected a pair (mid_o, mid_lse), got {type(workspace).__name__}")
-        shape_o, shape_l = workspace_shape(plan)
-        for name, x, shp, dt in (("workspace[0]", workspace[0], shape_o, q.dtype),
-                                 ("workspace[1]", workspace[1], shape_l, torch.float32)):
+        for name, x, shp in zip(("workspace[0]", "workspace[1]"), workspace, workspace_shape(plan)):
             _checks.is_tensor(name, x)
             _checks.shape(name, x, shp, "(workspace_shape(plan))")
-            _checks.fp32_workspace(name, x, q.device, dt)
+        _check_workspace_buffers(workspace, q)
 
+
+def _check_workspace_buffers(workspace, q) -> None:
+    """A caller's (mid_o, mid_lse): mid_o in q's dtype, mid_lse in fp32, both on q's device,
+    contiguous and 16-byte aligned (checked on every call: the signature does not vouch for them)."""
+    for name, x, dtype in (("workspace[0]", workspace[0], q.dtype), ("workspace[1]", workspace[1], torch.float32)):
+        _checks.workspace_buffer(name, x, q.device, dtype)
 
 
 def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None, workspace=None,
@@ -739,8 +744,7 @@ def deft_attention(q, k_pool, v_pool, plan: DeftPlan, *, sm_scale=None, out=None
     if entry is not None:  # seen and checked: freshness and alignment
         plan.check_fresh()
         if workspace is not None:
-            for name, x, dt in (("workspace[0]", workspace[0], q.dtype), ("workspace[1]", workspace[1], torch.float32)):
-                _checks.fp32_workspace(name, x, q.device, dt)
+            _check_workspace_buffers(workspace, q)
         return _run(q, k_pool, v_pool, q, plan, entry, out, workspace, return_lse)
     q_t, k_t, v_t = (_interop.as_tensor(n, x) for n, x in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)))
     _check(q_t, k_t, v_t, plan, out, workspace)
