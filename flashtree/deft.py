@@ -600,6 +600,7 @@ _LOG2E = math.log2(math.e)
 # strides each), log2 page,
 # six plan arrays, mid_o, mid_lse, num_heads, group, the base-2 scale.
 _PARTIAL_PARAMS = _jit.param_layout("Qqq Qqii Qqii i QQQQQQ QQ ii f")
+_MAPS_PER_ENTRY = 1024  # (k_pool, v_pool) pairs whose tensor maps a validated signature keeps
 # deft_partial_ws_kernel: the K and V pools' tensor maps, the TMA box's rows, then as deft_partial_kernel.
 _WS_TAIL = _jit.param_layout("i Qqq Qqii Qqii i QQQQQQ QQ ii f")
 # deft_merge_kernel: mid_o, mid_lse, q_indptr, slot_idx, out (pointer, 2 strides), lse, Q, H.
@@ -618,6 +619,9 @@ class _Validated:
     ws: bool  # the warp-specialised kernel (TMA tensor maps before its other parameters)
     merge: _jit.runtime.LoadedKernel
     strides_aligned: bool
+    # ws: (k_pool, v_pool) data pointers -> stage 1's packed tensor maps. Within one signature the
+    # pools' shape, strides and dtype are fixed, so the pointers name the maps (one pair per layer).
+    maps: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _validated_entry(q, k_pool, v_pool, scale, block_m) -> _Validated:
@@ -640,10 +644,14 @@ def _launch_partial(q, k_pool, v_pool, plan, entry: _Validated, mid_o: int, mid_
     if entry.ws:
         # K/V tiles at consecutive slots go by TMA: the pool [pages, Hkv, P, D] as a 4-D tensor map,
         # one box = 64 keys (min(P, 64) rows of 64 // min(P, 64) consecutive pages) x 64 columns
-        rows = min(plan.page_size, BLOCK_N)
-        box = (64, rows, 1, BLOCK_N // rows)
         layout = tma.param_layout(entry.partial, 2, _WS_TAIL)
-        maps = (tma.swizzled_map(k_pool, box), tma.swizzled_map(v_pool, box), rows)
+        key = (k_pool.data_ptr(), v_pool.data_ptr())
+        maps = entry.maps.get(key)
+        if maps is None:
+            rows = min(plan.page_size, BLOCK_N)
+            box = (64, rows, 1, BLOCK_N // rows)
+            maps = (tma.swizzled_map(k_pool, box), tma.swizzled_map(v_pool, box), rows)
+            _checks.remember(entry.maps, key, maps, limit=_MAPS_PER_ENTRY)
     h = q.shape[1]
     entry.partial.launch(
         (plan.num_work * plan.num_kv_heads, 1, 1), (entry.partial_threads, 1, 1), layout,

@@ -454,6 +454,30 @@ def test_shared_prefix_matches_paged_decode_per_branch(gen, stage1):
 
 
 @pytest.mark.gpu
+def test_layers_of_one_signature_read_their_own_pools(gen, stage1):
+    """Two layers' pools share one call signature; the warp-specialised kernel's tensor maps are
+    kept per pool pointer, so each call must still read its own layer (alternating, then again
+    with nothing remembered)."""
+    c = TreeKVCache(2, 96, 2, 128, page_size=16, dtype=torch.bfloat16, device="cuda")
+
+    def kv(n):
+        return (torch.randn(2, n, 2, 128, generator=gen).to("cuda", torch.bfloat16),
+                torch.randn(2, n, 2, 128, generator=gen).to("cuda", torch.bfloat16))
+
+    root = c.create_root(None, *kv(700))
+    for leaf in c.fork(root, 5):
+        c.append(leaf, None, *kv(33))
+    plan = deft.deft_plan(c, 8)
+    q = torch.randn(plan.num_queries, 8, 128, device="cuda", dtype=torch.bfloat16)
+    outs = [deft.deft_attention(q, c.k_pools[i % 2], c.v_pools[i % 2], plan) for i in range(4)]
+    deft._validated.clear()
+    fresh = [deft.deft_attention(q, c.k_pools[i], c.v_pools[i], plan) for i in range(2)]
+    for i in range(4):
+        assert torch.equal(outs[i], fresh[i % 2]), f"call {i} (layer {i % 2})"
+    assert not torch.equal(fresh[0], fresh[1])
+
+
+@pytest.mark.gpu
 def test_repeated_call_still_checks_freshness_and_workspace_alignment(gen):
     """The second call with the same signature skips validation; a stale plan and a misaligned
     workspace (values its signature does not vouch for) still raise."""
