@@ -600,11 +600,11 @@ _LOG2E = math.log2(math.e)
 # strides each), log2 page,
 # six plan arrays, mid_o, mid_lse, num_heads, group, the base-2 scale.
 _PARTIAL_PARAMS = _jit.param_layout("Qqq Qqii Qqii i QQQQQQ QQ ii f")
-_MAPS_PER_ENTRY = 1024  # (k_pool, v_pool) pairs whose tensor maps a validated signature keeps
 # deft_partial_ws_kernel: the K and V pools' tensor maps, the TMA box's rows, then as deft_partial_kernel.
 _WS_TAIL = _jit.param_layout("i Qqq Qqii Qqii i QQQQQQ QQ ii f")
 # deft_merge_kernel: mid_o, mid_lse, q_indptr, slot_idx, out (pointer, 2 strides), lse, Q, H.
 _MERGE_PARAMS = _jit.param_layout("QQQQ Qqq Q ii")
+_MAPS_PER_ENTRY = 1024  # (k_pool, v_pool) pairs whose tensor maps a validated signature keeps
 
 @dataclass(frozen=True)
 class _Validated:
