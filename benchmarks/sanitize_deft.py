@@ -30,5 +30,17 @@ for dtype, d, hkv, h, page, lens in [(torch.bfloat16, 128, 2, 8, 16, (1, 40, 9))
                                    block_m=block_m)
         q = torch.randn(plan.num_queries, h, d, device=dev, dtype=dtype)
         flashtree.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)
+# Stage 2 is a programmatic dependent launch only inside a CUDA-graph capture (on Hopper): the last
+# call once more, captured and replayed.
+side = torch.cuda.Stream()
+side.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(side):
+    flashtree.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)
+torch.cuda.current_stream().wait_stream(side)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    captured = flashtree.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)
+graph.replay()
 torch.cuda.synchronize()
+assert torch.equal(captured, flashtree.deft_attention(q, c.k_pools[0], c.v_pools[0], plan)), "graph replay differs"
 print("sanitize deft run done")

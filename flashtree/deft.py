@@ -5,9 +5,11 @@ buffer to the GPU; every layer then calls ``deft_attention(q, k_pool, v_pool, pl
 work beyond argument checks: no synchronisation, and no allocation but the output (none when ``out``
 is given). The partial states (o in q's dtype, lse in fp32) live in the plan's own workspace,
 allocated on its first call on a stream and reused by every layer after it (or in a caller's
-``workspace``). On compute capability 9.0 stage 2 is a programmatic dependent launch: its CTAs
-start while stage 1 stores its partials and wait for them in the kernel (``FLASHTREE_DEFT_PDL=0``
-launches it plainly).
+``workspace``). On compute capability 9.0, inside a CUDA-graph capture, stage 2 is a programmatic
+dependent launch: its CTAs start while stage 1 stores its partials and wait for them in the kernel
+(``FLASHTREE_DEFT_PDL=0`` launches it plainly). Eager calls launch it plainly: the dependent
+launch goes through ctypes, and its host time costs more than it saves on the GPU wherever an eager
+call is host-bound (H100, session 24).
 
 The plan (the flattened tree split):
   1. Leaves in DFS order own consecutive query rows: leaf i has n_i query tokens, the last n_i
@@ -572,7 +574,7 @@ def workspace_shape(plan: DeftPlan) -> tuple[tuple[int, int, int], tuple[int, in
     return (plan.num_slots, plan.num_heads, plan.head_dim), (plan.num_slots, plan.num_heads)
 
 
-def _plan_workspace(plan: DeftPlan, device: torch.device) -> tuple[int, int]:
+def _plan_workspace(plan: DeftPlan, device: torch.device, capturing: bool) -> tuple[int, int]:
     """(mid_o, mid_lse) pointers in the plan's own workspace for the current stream: one flat
     buffer (mid_o in 16 bits, then mid_lse in fp32), allocated on the plan's first call on that
     stream and reused by every later one (the layers of a decoding step run in stream order, so
@@ -580,7 +582,7 @@ def _plan_workspace(plan: DeftPlan, device: torch.device) -> tuple[int, int]:
     takes a buffer of its own from the graph's pool instead, so no replay shares it with an eager call."""
     n_o = plan.num_slots * plan.num_heads * plan.head_dim  # 16-bit values: n_o // 2 floats of the buffer
     n_l = plan.num_slots * plan.num_heads
-    if torch.cuda.is_current_stream_capturing():
+    if capturing:
         buf = torch.empty(n_o // 2 + n_l, dtype=torch.float32, device=device)
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -665,16 +667,17 @@ def _launch_partial(q, k_pool, v_pool, plan, entry: _Validated, mid_o: int, mid_
     )
 
 
-def _launch_merge(plan, entry: _Validated, mid_o: int, mid_lse: int, out, lse: int):
+def _launch_merge(plan, entry: _Validated, mid_o: int, mid_lse: int, out, lse: int, capturing: bool):
     """Stage 2 on the current stream: each query row merges its partials into out (and lse, a data
-    pointer; 0: not stored)."""
+    pointer; 0: not stored). A dependent launch only while a CUDA graph is captured (the module
+    docstring says why)."""
     nq, h, d = out.shape
     rows_per_block = _MERGE_THREADS // (d // 4)
     at = plan.addresses
     entry.merge.launch(
         ((nq * h + rows_per_block - 1) // rows_per_block, 1, 1), (_MERGE_THREADS, 1, 1), _MERGE_PARAMS,
         (mid_o, mid_lse, at["q_indptr"], at["slot_idx"], out.data_ptr(), *out.stride()[:2], lse, nq, h),
-        dependent=_PDL,  # starts during stage 1's last stores; waits for them (deft.cu: pdl_wait)
+        dependent=_PDL and capturing,  # starts during stage 1's last stores; waits for them (deft.cu: pdl_wait)
     )
 
 
@@ -790,8 +793,9 @@ def _run(q_t, k_t, v_t, q, plan, entry: _Validated, out, workspace, return_lse):
     is launched first, so the output's allocation and stage 2's arguments are host work done while
     it runs (H200, session 16: the first launch ~6 us earlier in an eager call; the whole call's
     host time, ~28 us, moved within noise)."""
+    capturing = torch.cuda.is_current_stream_capturing()
     if workspace is None:
-        mid_o, mid_lse = _plan_workspace(plan, q_t.device)
+        mid_o, mid_lse = _plan_workspace(plan, q_t.device, capturing)
     else:
         mid_o, mid_lse = workspace[0].data_ptr(), workspace[1].data_ptr()
     if not entry.strides_aligned or (q_t.data_ptr() | k_t.data_ptr() | v_t.data_ptr()) & 15:
@@ -806,7 +810,7 @@ def _run(q_t, k_t, v_t, q, plan, entry: _Validated, out, workspace, return_lse):
     target = result if direct else torch.empty(q_t.shape, dtype=q_t.dtype, device=q_t.device)
     lse = torch.empty(plan.num_queries, plan.num_heads, dtype=torch.float32, device=q_t.device) if return_lse else None
     if run:
-        _launch_merge(plan, entry, mid_o, mid_lse, target, 0 if lse is None else lse.data_ptr())
+        _launch_merge(plan, entry, mid_o, mid_lse, target, 0 if lse is None else lse.data_ptr(), capturing)
     if target is not result:
         result.copy_(target)
     result = _interop.like(q, result)

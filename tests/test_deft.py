@@ -400,6 +400,8 @@ def test_cuda_graph_capture(gen):
     torch.cuda.synchronize()
     ref = reference_of(q.double(), c, plan)[0]
     assert_close_rule(out, ref, torch_baseline(q, c, plan, 1 / math.sqrt(128)), torch.bfloat16, "graph replay")
+    # on Hopper the captured merge is a dependent launch, the eager one a plain launch: the same bits
+    assert torch.equal(out, flashtree.deft_attention(q, c.k_pools[0], c.v_pools[0], plan))
 
 
 @pytest.mark.gpu
