@@ -578,8 +578,8 @@ def _plan_workspace(plan: DeftPlan, device: torch.device, capturing: bool) -> tu
     """(mid_o, mid_lse) pointers in the plan's own workspace for the current stream: one flat
     buffer (mid_o in 16 bits, then mid_lse in fp32), allocated on the plan's first call on that
     stream and reused by every later one (the layers of a decoding step run in stream order, so
-    they never overlap). A CUDA-graph capture
-    takes a buffer of its own from the graph's pool instead, so no replay shares it with an eager call."""
+    they never overlap). A CUDA-graph capture (``capturing``) takes a buffer of its own from the
+    graph's pool instead, so no replay shares it with an eager call."""
     n_o = plan.num_slots * plan.num_heads * plan.head_dim  # 16-bit values: n_o // 2 floats of the buffer
     n_l = plan.num_slots * plan.num_heads
     if capturing:
