@@ -89,6 +89,12 @@ CONFIGS = [
     # no spills under NVRTC 12.9). A kernel of this shape issues its TMA copies from a consumer lane.
     ("4 consumers, no producer, Q in smem", 4, 0, 0, 0, False, True),
     ("3 consumers, no producer, Q in smem", 3, 0, 0, 0, False, True),
+    # The DFS forward's split (its producer walks the tile table at 40 registers), session 25.
+    ("2 consumers pipelined, 40 / 232", 2, 1, 40, 232, True, False),
+    ("2 consumers, 40 / 232", 2, 1, 40, 232, False, False),
+    ("3 consumers, 32 / 160", 3, 1, 32, 160, False, False),
+    ("3 consumers, 40 / 152", 3, 1, 40, 152, False, False),
+    ("3 consumers, Q in smem, 40 / 152", 3, 1, 40, 152, False, True),
 ]
 
 

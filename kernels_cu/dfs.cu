@@ -67,6 +67,8 @@ static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "the Q-til
 static_assert(128 * kDkdvProducerRegs + 256 * kDkdvConsumerRegs <= 384 * 168, "the dK/dV kernel's register split");
 
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
+// 1 / total for a row's normaliser; 0 for a row that saw nothing (o = 0).
+__device__ __forceinline__ float inv_or_zero(float total) { return total > 0.f ? 1.f / total : 0.f; }
 
 // ------------------------------------------------------------------------------ tile table
 
@@ -177,12 +179,51 @@ struct DfsQTile {
   }
 };
 
-// Store a 16 x D fp32 accumulator row (rows g / g + 8 of the warp) scaled by `mul`, as T.
+// One 16-byte block of a row: a[m] is this lane's part (columns 2 c4, 2 c4 + 1) of blocks 4 k + m of
+// the row; returns block 4 k + c4 in column order (see store_rows).
+__device__ __forceinline__ uint4 quad_transpose(const u32 (&a)[4], int c4) {
+  const bool h0 = c4 & 1, h1 = c4 & 2;
+  // Round 1, with lane c4 ^ 2: keep the two blocks whose bit 1 is c4's, and take the partner's
+  // parts of them.
+  const u32 keep0 = h1 ? a[2] : a[0], keep1 = h1 ? a[3] : a[1];
+  const u32 from2_0 = __shfl_xor_sync(0xffffffffu, h1 ? a[0] : a[2], 2);
+  const u32 from2_1 = __shfl_xor_sync(0xffffffffu, h1 ? a[1] : a[3], 2);
+  // Round 2, with lane c4 ^ 1: keep block c4 (its parts from lanes c4 and c4 ^ 2), take the parts
+  // of lanes c4 ^ 1 and c4 ^ 3.
+  const u32 own = h0 ? keep1 : keep0, of2 = h0 ? from2_1 : from2_0;
+  const u32 of1 = __shfl_xor_sync(0xffffffffu, h0 ? keep0 : keep1, 1);
+  const u32 of3 = __shfl_xor_sync(0xffffffffu, h0 ? from2_0 : from2_1, 1);
+  // The part of lane s goes to position s.
+  const u32 near0 = h0 ? of1 : own, near1 = h0 ? own : of1;  // positions 2 (c4 / 2) and 2 (c4 / 2) + 1
+  const u32 far0 = h0 ? of3 : of2, far1 = h0 ? of2 : of3;    // the other two
+  return h1 ? make_uint4(far0, far1, near0, near1) : make_uint4(near0, near1, far0, far1);
+}
+
+// Store rows g and g + 8 of a warp's 16 x D fp32 accumulator, scaled by mul0 and mul1, as T at rows
+// `row` and row + 8 of a tensor with row stride sn (base: its head's first row, 16-byte aligned
+// rows), each if it is below `end`. The four lanes of a row hold columns 2 c4, 2 c4 + 1 of each
+// 8-column block; two rounds of shuffles within the four (quad_transpose) give each lane one whole
+// 16-byte block of each group of four, so that a warp's store covers 8 rows x 64 contiguous bytes. Each lane storing its own 4 bytes (8 rows x 16 bytes
+// per store) took ~4800 cycles per item of the Hopper forward, 9% of its time (NOTES, session 25).
+// Every lane of the warp calls it (the shuffles).
 template <int D, typename T>
-__device__ __forceinline__ void store_row(T* dst, const float (&acc)[D / 8][4], int r, float mul, int c4) {
+__device__ __forceinline__ void store_rows(T* base, i64 sn, int row, int end, const float (&acc)[D / 8][4], float mul0,
+                                           float mul1, int c4) {
+  T* const dst[2] = {base + static_cast<i64>(row) * sn, base + static_cast<i64>(row + 8) * sn};
+  const float mul[2] = {mul0, mul1};
+  const bool ok[2] = {row < end, row + 8 < end};
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i)
-    *reinterpret_cast<u32*>(dst + 8 * i + 2 * c4) = pack2<T>(acc[i][2 * r] * mul, acc[i][2 * r + 1] * mul);
+  for (int k = 0; k < D / 32; ++k) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      u32 a[4];
+#pragma unroll
+      for (int m = 0; m < 4; ++m)
+        a[m] = pack2<T>(acc[4 * k + m][2 * r] * mul[r], acc[4 * k + m][2 * r + 1] * mul[r]);
+      const uint4 block = quad_transpose(a, c4);
+      if (ok[r]) *reinterpret_cast<uint4*>(dst[r] + 8 * (4 * k + c4)) = block;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------- forward
@@ -297,14 +338,12 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
 
   // Step 4: normalise; store o and the natural-log lse of the owned rows.
   if (!warp_active) return;
+  const int row = row0 + warp_row0 + g;
+  store_rows<D>(o + h * o_sh, o_sn, row, row_end, o_acc, inv_or_zero(l_acc[0]), inv_or_zero(l_acc[2]), c4);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float total = l_acc[2 * r];
-    const int row = row0 + warp_row0 + g + 8 * r;
-    if (row >= row_end) continue;
-    store_row<D>(o + static_cast<i64>(row) * o_sn + h * o_sh, o_acc, r, total > 0.f ? 1.f / total : 0.f, c4);
-    if (c4 == 0) lse[static_cast<i64>(row) * num_heads + h] = lse_from_base2(row_max[r], total);
-  }
+  for (int r = 0; r < 2; ++r)
+    if (c4 == 0 && row + 8 * r < row_end)
+      lse[static_cast<i64>(row + 8 * r) * num_heads + h] = lse_from_base2(row_max[r], l_acc[2 * r]);
 }
 
 // --------------------------------------------------------------- forward, Hopper (sm_90a)
@@ -623,14 +662,12 @@ dfs_fwd_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constant__
     if (visited != nullptr && w4 == 0 && lane == 0) visited[static_cast<i64>(j) * num_heads + h] = count;
 
     // Normalise; store o and the natural-log lse of the owned rows.
+    const int row = row0 + 16 * w4 + g;
+    store_rows<D>(o + h * o_sh, o_sn, row, row_end, st.o_acc, inv_or_zero(st.l_acc[0]), inv_or_zero(st.l_acc[2]), c4);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float total = st.l_acc[2 * r];
-      const int row = row0 + 16 * w4 + g + 8 * r;
-      if (row >= row_end) continue;
-      store_row<D>(o + static_cast<i64>(row) * o_sn + h * o_sh, st.o_acc, r, total > 0.f ? 1.f / total : 0.f, c4);
-      if (c4 == 0) lse[static_cast<i64>(row) * num_heads + h] = lse_from_base2(st.row_max[r], total);
-    }
+    for (int r = 0; r < 2; ++r)
+      if (c4 == 0 && row + 8 * r < row_end)
+        lse[static_cast<i64>(row + 8 * r) * num_heads + h] = lse_from_base2(st.row_max[r], st.l_acc[2 * r]);
   }
 }
 
@@ -661,6 +698,16 @@ dfs_bwd_delta_kernel(const T* __restrict__ o, i64 o_sn, i64 o_sh, const T* __res
 }
 
 // ------------------------------------------------------------------------- backward: dK, dV
+
+// The dK/dV kernels' final sum: add the other consumer's accumulator, handed over in shared memory
+// as [D / 2][128] floats (value e of block i at row 4 i + e, thread ti at column ti).
+template <int D>
+__device__ __forceinline__ void add_transferred(float (&acc)[D / 8][4], const float* other, int ti) {
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] += other[(4 * i + e) * 128 + ti];
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(128, 2)
@@ -790,13 +837,9 @@ dfs_bwd_dkdv_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __rest
 
   // Step 3: store dK (times softmax_scale) and dV for the owned keys.
   if (!warp_active) return;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key0 + warp_row0 + g + 8 * r;
-    if (key >= key_end) continue;
-    store_row<D>(dk + static_cast<i64>(key) * dk_sn + hk * dk_sh, dk_acc, r, scale, c4);
-    store_row<D>(dv + static_cast<i64>(key) * dv_sn + hk * dv_sh, dv_acc, r, 1.f, c4);
-  }
+  const int key = key0 + warp_row0 + g;
+  store_rows<D>(dk + hk * dk_sh, dk_sn, key, key_end, dk_acc, scale, scale, c4);
+  store_rows<D>(dv + hk * dv_sh, dv_sn, key, key_end, dv_acc, 1.f, 1.f, c4);
 }
 
 // ----------------------------------------------------------------------------- backward: dQ
@@ -918,11 +961,7 @@ dfs_bwd_dq_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restri
 
   // Step 4: store dQ (times softmax_scale).
   if (!warp_active) return;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row0 + warp_row0 + g + 8 * r;
-    if (row < row_end) store_row<D>(dq + static_cast<i64>(row) * dq_sn + h * dq_sh, dq_acc, r, scale, c4);
-  }
+  store_rows<D>(dq + h * dq_sh, dq_sn, row0 + warp_row0 + g, row_end, dq_acc, scale, scale, c4);
 }
 
 // ------------------------------------------------------------------ backward, Hopper (sm_90a)
@@ -1193,26 +1232,13 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
   }
   named_barrier_sync(1, 256);
   const float* other = xfer + (1 - cw) * kRegs * 128;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key0 + 16 * w4 + g + 8 * r;
-    if (key >= key_end) continue;
-    if (cw == 0) {
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        const float a = dk_acc[i][2 * r] + other[(4 * i + 2 * r) * 128 + ti];
-        const float b = dk_acc[i][2 * r + 1] + other[(4 * i + 2 * r + 1) * 128 + ti];
-        *reinterpret_cast<u32*>(dk + static_cast<i64>(key) * dk_sn + hk * dk_sh + 8 * i + 2 * c4) =
-            pack2<T>(a * scale, b * scale);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        const float a = dv_acc[i][2 * r] + other[(4 * i + 2 * r) * 128 + ti];
-        const float b = dv_acc[i][2 * r + 1] + other[(4 * i + 2 * r + 1) * 128 + ti];
-        *reinterpret_cast<u32*>(dv + static_cast<i64>(key) * dv_sn + hk * dv_sh + 8 * i + 2 * c4) = pack2<T>(a, b);
-      }
-    }
+  const int key = key0 + 16 * w4 + g;
+  if (cw == 0) {  // two branches: a reference chosen at run time would put both sums in local memory
+    add_transferred<D>(dk_acc, other, ti);
+    store_rows<D>(dk + hk * dk_sh, dk_sn, key, key_end, dk_acc, scale, scale, c4);
+  } else {
+    add_transferred<D>(dv_acc, other, ti);
+    store_rows<D>(dv + hk * dv_sh, dv_sn, key, key_end, dv_acc, 1.f, 1.f, c4);
   }
 }
 
@@ -1350,11 +1376,7 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
     if constexpr (!QDO_REGS) mbar_arrive(cta.res_free);  // every product that read Q and dO is done
     ++t;
 
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = row0 + 16 * w4 + g + 8 * r;
-      if (row < row_end) store_row<D>(dq + static_cast<i64>(row) * dq_sn + h * dq_sh, dq_acc, r, scale, c4);
-    }
+    store_rows<D>(dq + h * dq_sh, dq_sn, row0 + 16 * w4 + g, row_end, dq_acc, scale, scale, c4);
   }
 }
 
