@@ -1278,6 +1278,10 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
   for (int it = 0;; ++it) {
     if (!cta.next_item(it, group)) break;
     const int row0 = cta.row0, row_end = cta.row_end, h = 2 * cta.pair + cw;
+    // The lane's fragment addresses are recomputed per item: hoisted out of the item loop, they stayed
+    // live across it and NVRTC 13.5 spilled one in the QDO_REGS kernel (D = 128, session 25).
+    int lane_i = lane;
+    asm volatile("" : "+r"(lane_i));
     int row_c[2], sq_row[2];
     float lse2[2], dlt[2];
 #pragma unroll
@@ -1300,8 +1304,8 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         u32 of[4], df[4];
-        load_a_frag<D, Tile>(of, cta.res + (4 + cw) * Cfg::kTileElems, 16 * w4, kk, lane);
-        load_a_frag<D, Tile>(df, cta.res + (2 + cw) * Cfg::kTileElems, 16 * w4, kk, lane);
+        load_a_frag<D, Tile>(of, cta.res + (4 + cw) * Cfg::kTileElems, 16 * w4, kk, lane_i);
+        load_a_frag<D, Tile>(df, cta.res + (2 + cw) * Cfg::kTileElems, 16 * w4, kk, lane_i);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float2 ov = unpack2<T>(of[e]), dv = unpack2<T>(df[e]);
@@ -1324,8 +1328,8 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
     if constexpr (QDO_REGS) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        load_a_frag<D, Tile>(qf[kk], cta.res + cw * Cfg::kTileElems, 16 * w4, kk, lane);
-        load_a_frag<D, Tile>(dof[kk], cta.res + (2 + cw) * Cfg::kTileElems, 16 * w4, kk, lane);
+        load_a_frag<D, Tile>(qf[kk], cta.res + cw * Cfg::kTileElems, 16 * w4, kk, lane_i);
+        load_a_frag<D, Tile>(dof[kk], cta.res + (2 + cw) * Cfg::kTileElems, 16 * w4, kk, lane_i);
       }
       mbar_arrive(cta.res_free);
     }

@@ -133,6 +133,9 @@ def test_shipped_spec_compiles_without_spills(spec, arch, shipped_cache, monkeyp
     assert kernel.spec_name == spec.name and spec.kernel.split("::")[-1] in kernel.lowered_name
     assert "Used" in kernel.log and r.registers > 0, f"no ptxas report was read:\n{kernel.log}"
     assert r.spills == 0, f"{spec.name} on {target} spills {r.spill_stores}/{r.spill_loads} B:\n{kernel.log}"
+    # A stack frame without spills is an array ptxas put in local memory: a register array indexed at
+    # run time (session 25: a reference to one of two accumulators chosen at run time cost 6%).
+    assert r.stack_frame == 0, f"{spec.name} on {target} has a {r.stack_frame} B stack frame:\n{kernel.log}"
     # Static shared memory only; dynamic shared memory is checked by each op at launch.
     assert r.shared < SMEM_LIMIT[arch], f"{spec.name} on {target}: {r.shared} B of shared memory"
 
