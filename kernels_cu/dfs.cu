@@ -203,9 +203,9 @@ __device__ __forceinline__ uint4 quad_transpose(const u32 (&a)[4], int c4) {
 // `row` and row + 8 of a tensor with row stride sn (base: its head's first row, 16-byte aligned
 // rows), each if it is below `end`. The four lanes of a row hold columns 2 c4, 2 c4 + 1 of each
 // 8-column block; two rounds of shuffles within the four (quad_transpose) give each lane one whole
-// 16-byte block of each group of four, so that a warp's store covers 8 rows x 64 contiguous bytes. Each lane storing its own 4 bytes (8 rows x 16 bytes
-// per store) took ~4800 cycles per item of the Hopper forward, 9% of its time (NOTES, session 25).
-// Every lane of the warp calls it (the shuffles).
+// 16-byte block of each group of four, so that a warp's store covers 8 rows x 64 contiguous bytes.
+// Each lane storing its own 4 bytes (8 rows x 16 bytes per store) took ~4800 cycles per item of the
+// Hopper forward, 9% of its time (NOTES, session 25). Every lane of the warp calls it (the shuffles).
 template <int D, typename T>
 __device__ __forceinline__ void store_rows(T* base, i64 sn, int row, int end, const float (&acc)[D / 8][4], float mul0,
                                            float mul1, int c4) {
@@ -560,8 +560,8 @@ struct DfsPairCta {
   // resident tiles, publish the item and copy its resident tiles (one map per kind), walk its K/V
   // tiles. Then one more phase of res_full with x = -1 ends the consumers.
   // CLAIM_AHEAD: the next item is taken from the counter when this item's walk starts, so its atomic
-  // is in flight during the walk rather than between two walks. The dQ kernel measured 2.2% faster
-  // with it, the forward 1-3% slower (NOTES, session 25).
+  // is in flight during the walk rather than between two walks. The dQ kernel measured 2.2-2.3%
+  // faster with it, the forward 1-3% slower (NOTES, session 25).
   template <bool CLAIM_AHEAD>
   __device__ __forceinline__ void produce(const TmaDesc* const (&maps)[3], const TmaDesc* tma_k, const TmaDesc* tma_v,
                                           const int* __restrict__ end_k, const int* __restrict__ tiles,
