@@ -396,7 +396,7 @@ tree_decode_kernel(const T* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_st,
       const int m = m0 + warp_row0 + 16 * mt + g + 8 * r;
       if (m >= rows) continue;
       const int t = m / group, h = hk * group + m % group;
-      const float inv = total > 0.f ? 1.f / total : 0.f;
+      const float inv = inv_or_zero(total);
       const i64 bht = static_cast<i64>(b * num_heads + h) * num_tokens + t;
       if (num_splits == 1) {
         T* dst = out + b * o_sb + h * o_sh + t * o_st;

@@ -175,7 +175,7 @@ __device__ __forceinline__ void deft_store_rows(const RowState<D>& st, int m_g, 
     if (m >= rows) continue;
     const int h = hk * group + m % group;
     const i64 state = static_cast<i64>(slot_base + m / group) * num_heads + h;
-    const float inv = total > 0.f ? 1.f / total : 0.f;
+    const float inv = inv_or_zero(total);
     T* dst = mid_o + state * D;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
@@ -778,7 +778,7 @@ deft_merge_kernel(const T* __restrict__ mid_o, const float* __restrict__ mid_lse
   }
 
   // Step 2: normalise and store 4 values of T (8 bytes) and the lse.
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const float inv = inv_or_zero(sum);
   U32x2 packed;
   packed.a = pack2<T>(acc[0] * inv, acc[1] * inv);
   packed.b = pack2<T>(acc[2] * inv, acc[3] * inv);

@@ -67,8 +67,6 @@ static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "the Q-til
 static_assert(128 * kDkdvProducerRegs + 256 * kDkdvConsumerRegs <= 384 * 168, "the dK/dV kernel's register split");
 
 __device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
-// 1 / total for a row's normaliser; 0 for a row that saw nothing (o = 0).
-__device__ __forceinline__ float inv_or_zero(float total) { return total > 0.f ? 1.f / total : 0.f; }
 
 // ------------------------------------------------------------------------------ tile table
 

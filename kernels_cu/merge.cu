@@ -115,7 +115,7 @@ merge_states_kernel(const T* __restrict__ o, const float* __restrict__ lse,
     }
 
     // Step 3: normalise and store; an empty row stores o = 0 and lse = -inf.
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float inv = inv_or_zero(sum);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc[i] *= inv;
     store_vec<TOut>(o_out + n * oo_sn + h * oo_sh + lane * kVec, acc);

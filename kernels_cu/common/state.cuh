@@ -31,6 +31,9 @@ __device__ __forceinline__ float fast_log2(float x) {
   return y;
 }
 
+// The normaliser of a state's sum: 1 / sum, or 0 for an empty state (its o stays 0).
+__device__ __forceinline__ float inv_or_zero(float sum) { return sum > 0.f ? 1.f / sum : 0.f; }
+
 // Natural-log lse of a merged state held as (max2, sum): the running base-2 maximum and the
 // sum of exp2(x - max2). An empty state (sum == 0) gives -inf.
 __device__ __forceinline__ float lse_from_base2(float max2, float sum) {
