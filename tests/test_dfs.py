@@ -369,6 +369,18 @@ def test_gpu_kernels_even_groups(gen, monkeypatch, wgmma, dtype, d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("h, hkv, dtype, d", [(6, 3, torch.bfloat16, 128), (4, 1, torch.float16, 64),
+                                              (2, 1, torch.bfloat16, 128)])
+def test_gpu_hopper_kernels_odd_kv_head_counts(gen, h, hkv, dtype, d):
+    """G even and Hkv odd (GQA and MQA on the Hopper kernels): every (K tile, KV head) unit count,
+    odd ones included (the last tree has 5 K tiles)."""
+    sq, ek, cu, _ = random_pack(gen, num_trees=3, max_nodes=30, max_len=40)
+    _check_gpu_case(sq, ek, cu, h, hkv, d, dtype, gen)
+    sq, ek, cu = tree.dfs_arrays_from_groups([(129, [64, 1, 70])])  # 5 K tiles: an odd unit count
+    _check_gpu_case(sq, ek, cu, h, hkv, d, dtype, gen)
+
+
+@pytest.mark.gpu
 def test_gpu_groups_odd_sizes_and_strided_inputs(gen):
     sq, ek, cu = tree.dfs_arrays_from_groups([(131, [67, 1, 64, 129]), (1, [1]), (63, [])])
     _check_gpu_case(sq, ek, cu, 4, 2, 128, torch.bfloat16, gen, noncontig=True)
