@@ -350,11 +350,11 @@ dfs_fwd_kernel(const T* __restrict__ q, i64 q_sn, i64 q_sh, const T* __restrict_
 // (Q tile, pair of query heads of one KV group), 3 warpgroups: warpgroup 0's first warp (the
 // producer, dfs_kv_producer) walks the visible K tiles (as dfs_fwd_kernel) and copies each K/V tile
 // by TMA into a ring of kStages stages (4 [64][64] boxes per tile at D = 128), with the tile's 64
-// end_k values and its (key0, full, valid) header; warpgroups 1 and 2 (the consumers) run heads 2 p
-// and 2 p + 1 of the pair over the same tiles on wgmma (wg_attention_step_pipelined: S in registers,
-// Q as register A fragments, tile t's P V during tile t + 1's softmax), so each K/V tile crosses
-// L2 -> SM once for two heads. A stage with valid = 0 ends the walk. Rows and keys past the tile
-// (another sequence, or past N: zeros) are computed and masked, never stored.
+// end_k values and its (key0, full, valid, last) header; warpgroups 1 and 2 (the consumers) run
+// heads 2 p and 2 p + 1 of the pair over the same tiles on wgmma (wg_attention_step_pipelined: S in
+// registers, Q as register A fragments, tile t's P V during tile t + 1's softmax), so each K/V tile
+// crosses L2 -> SM once for two heads. A stage with valid = 0 ends the walk. Rows and keys past the
+// tile (another sequence, or past N: zeros) are computed and masked, never stored.
 // Persistent CTAs: grid = min(items, SMs), items x = 0 .. (H / 2) * slots - 1 (pair = x % (H / 2),
 // slot = slots - 1 - x / (H / 2): long rows first) handed out by an atomic counter (`work`, zero
 // before the launch), so a CTA's next item starts as soon as it is free (greedy, not a fixed
@@ -437,7 +437,7 @@ __device__ __forceinline__ void dfs_kv_producer(const TmaDesc* tma_k, const TmaD
     smem_ek[stage * kTile + 32 + lane] = ek1;
     if (lane != 0) mbar_arrive(bar_full + stage);
     if (lane == 0) {
-      smem_hdr[stage] = make_int4(key0, full, 1, 0);
+      smem_hdr[stage] = make_int4(key0, full, 1, jn < first_slot);  // w: the walk's last tile
       mbar_arrive_expect_tx(bar_full + stage, kTileTx);
       T* sk = smem_kv + 2 * stage * kTile * D;
       for (int c = 0; c < D / 64; ++c) {
@@ -492,7 +492,7 @@ struct DfsPairCta {
   T* res;         // resident tile m of head hh at (2 m + hh) * 64 D
   T* kv;          // stage s: K at 2 s, V at 2 s + 1
   int* ek;        // [S][64]
-  int4* hdr;      // [S] (key0, full, valid, -)
+  int4* hdr;      // [S] (key0, full, valid, last: the walk's last tile)
   u64* full;      // [S]
   u64* empty;     // [S]
   u64* res_full;  // the resident tiles and the item have landed (one phase per item)
@@ -1368,6 +1368,9 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[jj][e] = fast_exp2(fmaf(s[jj][e], scale_log2, -lse2[e / 2]));
       wgmma_wait<0>();
+      // Without QDO_REGS the products above were the item's last reads of Q and dO at its last tile:
+      // the next item's resident tiles may land during this step's dQ product and the epilogue.
+      if (!QDO_REGS && hdr.w) mbar_arrive(cta.res_free);
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj)
 #pragma unroll
@@ -1383,7 +1386,6 @@ dfs_bwd_dq_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_constan
       mbar_arrive(cta.empty + stage);  // each thread releases its own reads
     }
     mbar_arrive(cta.empty + t % S);  // the closing stage
-    if constexpr (!QDO_REGS) mbar_arrive(cta.res_free);  // every product that read Q and dO is done
     ++t;
 
     store_rows<D>(dq + h * dq_sh, dq_sn, row0 + 16 * w4 + g, row_end, dq_acc, scale, scale, c4);
