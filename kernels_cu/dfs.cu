@@ -1132,10 +1132,13 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
   const u32 k_addr = smem_addr(smem_k), v_addr = smem_addr(smem_v);
   mbar_wait(bar_kv, 0);
 
-  for (int t = cw;; t += 2) {
+  // The next item's stage is waited for (and its header read) while this item's dK product runs
+  // (-0.5% on the long tree; the same in the dQ kernel measured +1%, session 26).
+  int t = cw;
+  mbar_wait(bar_full + t % S, (t / S) & 1);
+  int4 hdr = smem_hdr[t % S];
+  for (;; t += 2) {
     const int stage = t % S;
-    mbar_wait(bar_full + stage, (t / S) & 1);
-    const int4 hdr = smem_hdr[stage];
     if (!hdr.z) break;
     const u32 q_addr = smem_addr(smem_ring + 2 * stage * Cfg::kTileElems);
     const u32 do_addr = q_addr + Cfg::kTileElems * sizeof(T);
@@ -1212,6 +1215,8 @@ dfs_bwd_dkdv_ws_kernel(const __grid_constant__ TmaDesc tma_q, const __grid_const
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) wgmma_rs_mn<T, D>(dk_acc, da[kk], Tile::mnmajor_desc_add(q_addr, kk));
     wgmma_commit();
+    mbar_wait(bar_full + (t + 2) % S, ((t + 2) / S) & 1);
+    hdr = smem_hdr[(t + 2) % S];
     wgmma_wait<0>();
     mbar_arrive(bar_empty + stage);  // each thread releases its own reads of the row values
   }
