@@ -300,3 +300,14 @@ def test_default_output_directory_name():
     assert cli._stamp("2026-11-21T06:12:40+00:00") == "2026-11-21T0612Z"
     assert cli.parse_peers("none") == set() and cli.parse_peers("a, b") == {"a", "b"}
     assert cli.parse_peers(None) is None
+
+
+@pytest.mark.parametrize("script", ["dfs_rounds.py", "energy.py"])
+def test_device_scripts_import_and_refuse_without_a_gpu(script):
+    # benchmarks/dfs_rounds.py and energy.py run on the GPU machine only; here they must still import
+    # (a renamed flashtree function would show) and exit 2 with a message rather than a traceback.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-P", str(REPO / "benchmarks" / script)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "needs a CUDA device" in r.stderr and "Traceback" not in r.stderr
