@@ -113,34 +113,14 @@ def main() -> int:
     scale = suite.D ** -0.5
     o, lse, tiles = dfs._dfs_forward_impl(q.detach(), k.detach(), v.detach(), cu, sq, ek, scale)
     qd, kd, vd = q.detach(), k.detach(), v.detach()
-    hkv, slots = kd.shape[1], tiles.shape[0]
     dq, dk, dv = torch.empty_like(qd), torch.empty_like(kd), torch.empty_like(vd)
     delta = torch.empty(n, suite.H, dtype=torch.float32, device="cuda")
 
     def run_dq_dkdv(which):
         # The Hopper backward's two kernels, one at a time (dkdv reads the delta dq's run stored).
-        from flashtree import _jit
-        from flashtree._jit import tma
-        import math
-        d = suite.D
-        box = (64, 1, dfs.TILE)
-        maps = tuple(tma.swizzled_map(x, box) for x in (qd, kd, vd, do))
-        rows = (lse.data_ptr(), delta.data_ptr(), sq.data_ptr(), ek.data_ptr(), tiles.data_ptr(), slots)
-        tail = (suite.H, suite.H // hkv, scale * math.log2(math.e), scale)
-        dlse_args = (0, 0, 0)
-        if which == "dq":
-            kern = _jit.get_kernel(dfs.bwd_ws_spec("dq", qd.dtype, d), qd.device)
-            work = torch.zeros(1, dtype=torch.int32, device="cuda")
-            kern.launch((dfs._pair_grid(suite.H, slots, qd.device), 1, 1), (3 * dfs._THREADS, 1, 1),
-                        tma.param_layout(kern, 5, dfs._DQ_WS_TAIL),
-                        maps + (tma.swizzled_map(o, box),) + rows[:-1]
-                        + (work.data_ptr(), slots, dq.data_ptr(), *dq.stride()[:2]) + tail + dlse_args,
-                        smem=dfs.dq_ws_smem(d))
-        else:
-            kern = _jit.get_kernel(dfs.bwd_ws_spec("dkdv", qd.dtype, d), qd.device)
-            kern.launch((hkv * slots, 1, 1), (3 * dfs._THREADS, 1, 1), tma.param_layout(kern, 4, dfs._DKDV_WS_TAIL),
-                        maps + rows + (dk.data_ptr(), *dk.stride()[:2], dv.data_ptr(), *dv.stride()[:2]) + tail,
-                        smem=dfs.dkdv_ws_smem(d))
+        dfs._launch_bwd_ws(do, qd, kd, vd, o, lse, (0, 0, 0), sq, ek, tiles, dq, dk, dv, delta, scale, stages=(which,))
+
+    run_dq_dkdv("dq")  # delta for a dkdv subject that runs first
 
     flex_fwd = flex_step = None
     if any(s.startswith("flex") for s in a.subjects.split(",")):

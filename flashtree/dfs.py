@@ -268,24 +268,28 @@ def _launch_bwd(do, q, k, v, o, lse, dlse, start_q, end_k, tiles, dq, dk, dv, de
         smem=dq_smem(d))
 
 
-def _launch_bwd_ws(do, q, k, v, o, lse, dlse_args, start_q, end_k, tiles, dq, dk, dv, delta, scale) -> None:
-    """The Hopper backward: dfs_bwd_dq_ws_kernel, which also computes delta, then dfs_bwd_dkdv_ws_kernel."""
+def _launch_bwd_ws(do, q, k, v, o, lse, dlse_args, start_q, end_k, tiles, dq, dk, dv, delta, scale,
+                   stages=("dq", "dkdv")) -> None:
+    """The Hopper backward: dfs_bwd_dq_ws_kernel, which also computes delta, then dfs_bwd_dkdv_ws_kernel
+    (``stages`` picks one of them for benchmarks/energy.py; dkdv alone reads the delta a dq run stored)."""
     n, h, d = q.shape
     hkv, slots = k.shape[1], tiles.shape[0]
     box = (64, 1, TILE)
     maps = tuple(tma.swizzled_map(x, box) for x in (q, k, v, do))
     rows = (lse.data_ptr(), delta.data_ptr(), start_q.data_ptr(), end_k.data_ptr(), tiles.data_ptr(), slots)
     tail = (h, h // hkv, scale * math.log2(math.e), scale)
-    kernel = _jit.get_kernel(bwd_ws_spec("dq", q.dtype, d), q.device)
-    work = torch.zeros(1, dtype=torch.int32, device=q.device)  # the item counter
-    kernel.launch((_pair_grid(h, slots, q.device), 1, 1), (3 * _THREADS, 1, 1), tma.param_layout(kernel, 5, _DQ_WS_TAIL),
-                  maps + (tma.swizzled_map(o, box),) + rows[:-1]
-                  + (work.data_ptr(), slots, dq.data_ptr(), *dq.stride()[:2]) + tail + dlse_args,
-                  smem=dq_ws_smem(d))
-    kernel = _jit.get_kernel(bwd_ws_spec("dkdv", q.dtype, d), q.device)
-    kernel.launch((hkv * slots, 1, 1), (3 * _THREADS, 1, 1), tma.param_layout(kernel, 4, _DKDV_WS_TAIL),
-                  maps + rows + (dk.data_ptr(), *dk.stride()[:2], dv.data_ptr(), *dv.stride()[:2]) + tail,
-                  smem=dkdv_ws_smem(d))
+    if "dq" in stages:
+        kernel = _jit.get_kernel(bwd_ws_spec("dq", q.dtype, d), q.device)
+        work = torch.zeros(1, dtype=torch.int32, device=q.device)  # the item counter
+        kernel.launch((_pair_grid(h, slots, q.device), 1, 1), (3 * _THREADS, 1, 1), tma.param_layout(kernel, 5, _DQ_WS_TAIL),
+                      maps + (tma.swizzled_map(o, box),) + rows[:-1]
+                      + (work.data_ptr(), slots, dq.data_ptr(), *dq.stride()[:2]) + tail + dlse_args,
+                      smem=dq_ws_smem(d))
+    if "dkdv" in stages:
+        kernel = _jit.get_kernel(bwd_ws_spec("dkdv", q.dtype, d), q.device)
+        kernel.launch((hkv * slots, 1, 1), (3 * _THREADS, 1, 1), tma.param_layout(kernel, 4, _DKDV_WS_TAIL),
+                      maps + rows + (dk.data_ptr(), *dk.stride()[:2], dv.data_ptr(), *dv.stride()[:2]) + tail,
+                      smem=dkdv_ws_smem(d))
 
 
 # ---------------------------------------------------------------------------------- the ops
